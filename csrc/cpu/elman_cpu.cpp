@@ -1,0 +1,302 @@
+// CPU forward and backward of one Elman layer (all directions), registered for the CPU key.
+// Forward: one input projection over all rows, written straight into the output, then per step
+// h_t = act(out_t + h_{t-1} W_hh^T) in place. Backward: the reverse loop turns output gradients into
+// pre-activation gradients dP; weight, bias and input gradients are then single products over all
+// rows. Only the output is saved: act'(.) is a function of h_t.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <c10/util/irange.h>
+
+#include <cstring>
+#include <vector>
+
+#include "../elman.h"
+#include "../layer_args.h"
+#include "row_matmul.h"
+
+namespace rnn_ext {
+namespace {
+
+using cpu::PackedMatrix;
+
+// Below this many multiply-adds the input projection stays on the calling thread.
+constexpr int64_t kParallelWorkThreshold = 1 << 18;
+
+template <typename T>
+void apply_activation(T* values, int64_t count, Activation activation) {
+  if (activation == Activation::Tanh) {
+    cpu::tanh_inplace(values, count);
+  } else {
+    for (int64_t i = 0; i < count; ++i) values[i] = values[i] > T(0) ? values[i] : T(0);
+  }
+}
+
+// output[row, d*H:(d+1)*H] = (bias_ih + bias_hh) + input[row] @ W_ih^T for every row.
+template <typename T>
+void project_inputs(const LayerArgs& args, int64_t direction, const T* input, T* output) {
+  const ElmanShape& s = args.shape;
+  const DirectionWeights& w = args.directions[direction];
+  const int64_t H = s.hidden_size;
+  const int64_t width = s.output_width();
+  const at::Tensor weight_ih = w.weight_ih.contiguous();
+  PackedMatrix<T> weight_t;
+  cpu::pack_matrix(weight_t, weight_ih.data_ptr<T>(), s.input_size, H, /*k_stride=*/1,
+                   /*j_stride=*/s.input_size);
+  std::vector<T> bias(H, T(0));
+  if (s.has_bias) {
+    const at::Tensor b_ih = w.bias_ih.contiguous(), b_hh = w.bias_hh.contiguous();
+    for (const auto j : c10::irange(H)) bias[j] = b_ih.data_ptr<T>()[j] + b_hh.data_ptr<T>()[j];
+  }
+  const int64_t grain = std::max<int64_t>(64, kParallelWorkThreshold / std::max<int64_t>(1, s.input_size * H));
+  at::parallel_for(0, s.rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<const T*> a_rows(end - begin);
+    std::vector<T*> c_rows(end - begin);
+    for (int64_t r = begin; r < end; ++r) {
+      a_rows[r - begin] = input + r * s.input_size;
+      c_rows[r - begin] = output + output_index(r, direction, 0, H, s.directions);
+      if (s.has_bias) std::memcpy(c_rows[r - begin], bias.data(), H * sizeof(T));
+    }
+    cpu::row_matmul<T>(end - begin, a_rows.data(), weight_t, c_rows.data(), s.has_bias);
+  });
+}
+
+template <typename T>
+void forward_direction(const LayerArgs& args, int64_t direction, const T* hx, T* output, T* h_n) {
+  const ElmanShape& s = args.shape;
+  const int64_t H = s.hidden_size, D = s.directions, T_ = s.steps;
+  const bool reverse = direction == 1;
+  const int64_t* batch_sizes = args.batch_sizes.data();
+  const at::Tensor weight_hh = args.directions[direction].weight_hh.contiguous();
+  PackedMatrix<T> weight_t;  // element (k, j) = W_hh[j, k]
+  cpu::pack_matrix(weight_t, weight_hh.data_ptr<T>(), H, H, /*k_stride=*/1, /*j_stride=*/H);
+  const T* h0 = hx + direction * s.batch * H;
+  T* final_state = h_n + direction * s.batch * H;
+
+  std::vector<const T*> previous(s.batch);
+  std::vector<T*> current(s.batch);
+  for (const auto position : c10::irange(T_)) {
+    const int64_t t = step_at(position, T_, reverse);
+    const int64_t rows = batch_sizes[t];
+    const int64_t offset = args.step_offsets[t];
+    const int64_t previous_step = reverse ? t + 1 : t - 1;
+    for (const auto b : c10::irange(rows)) {
+      previous[b] = reads_initial_state(batch_sizes, T_, t, b, reverse)
+                        ? h0 + b * H
+                        : output + output_index(args.step_offsets[previous_step] + b, direction, 0, H, D);
+      current[b] = output + output_index(offset + b, direction, 0, H, D);
+    }
+    cpu::row_matmul<T>(rows, previous.data(), weight_t, current.data(), /*accumulate=*/true);
+    if (D == 1) {
+      apply_activation(current[0], rows * H, s.activation);
+    } else {
+      for (const auto b : c10::irange(rows)) apply_activation(current[b], H, s.activation);
+    }
+    for (const auto b : c10::irange(rows)) {
+      if (writes_final_state(batch_sizes, T_, t, b, reverse))
+        std::memcpy(final_state + b * H, current[b], H * sizeof(T));
+    }
+  }
+}
+
+template <typename T>
+void forward_typed(const LayerArgs& args, const at::Tensor& input, const at::Tensor& hx,
+                   at::Tensor& output, at::Tensor& h_n) {
+  for (const auto d : c10::irange(args.shape.directions)) {
+    project_inputs<T>(args, d, input.data_ptr<T>(), output.data_ptr<T>());
+    forward_direction<T>(args, d, hx.data_ptr<T>(), output.data_ptr<T>(), h_n.data_ptr<T>());
+  }
+}
+
+// Reverse loop of one direction: fills this direction's columns of grad_pre (dL/d pre-activation)
+// and of previous_states (h_{t-1} per row, for the W_hh gradient), and grad_hx for the direction.
+template <typename T>
+void backward_direction(const LayerArgs& args, int64_t direction, const T* grad_output,
+                        const T* grad_h_n, const T* hx, const T* output, T* grad_pre,
+                        T* previous_states, T* grad_hx) {
+  const ElmanShape& s = args.shape;
+  const int64_t H = s.hidden_size, D = s.directions, T_ = s.steps;
+  const bool reverse = direction == 1;
+  const int64_t* batch_sizes = args.batch_sizes.data();
+  const at::Tensor weight_hh = args.directions[direction].weight_hh.contiguous();
+  PackedMatrix<T> weight;  // element (j, k) = W_hh[j, k]: dh_{t-1} = dP_t W_hh
+  cpu::pack_matrix(weight, weight_hh.data_ptr<T>(), H, H, /*k_stride=*/H, /*j_stride=*/1);
+  const T* h0 = hx + direction * s.batch * H;
+  const T* grad_final = grad_h_n + direction * s.batch * H;
+  T* grad_h0 = grad_hx + direction * s.batch * H;
+
+  std::vector<T> carry(s.batch * H, T(0));  // dL/dh for the step being processed
+  std::vector<const T*> grad_rows(s.batch);
+  std::vector<T*> targets(s.batch);
+  for (int64_t position = T_ - 1; position >= 0; --position) {
+    const int64_t t = step_at(position, T_, reverse);
+    const int64_t rows = batch_sizes[t];
+    const int64_t offset = args.step_offsets[t];
+    const int64_t previous_step = reverse ? t + 1 : t - 1;
+    for (const auto b : c10::irange(rows)) {
+      T* dh = carry.data() + b * H;
+      if (writes_final_state(batch_sizes, T_, t, b, reverse))
+        std::memcpy(dh, grad_final + b * H, H * sizeof(T));
+      const int64_t index = output_index(offset + b, direction, 0, H, D);
+      const T* y = output + index;
+      const T* g = grad_output + index;
+      T* dp = grad_pre + index;
+      for (const auto j : c10::irange(H))
+        dp[j] = (dh[j] + g[j]) * activation_grad_from_output(y[j], s.activation);
+      grad_rows[b] = dp;
+      const bool initial = reads_initial_state(batch_sizes, T_, t, b, reverse);
+      const T* h_prev = initial ? h0 + b * H
+                                : output + output_index(args.step_offsets[previous_step] + b,
+                                                        direction, 0, H, D);
+      std::memcpy(previous_states + index, h_prev, H * sizeof(T));
+      targets[b] = initial ? grad_h0 + b * H : dh;
+    }
+    cpu::row_matmul<T>(rows, grad_rows.data(), weight, targets.data(), /*accumulate=*/false);
+  }
+}
+
+template <typename T>
+at::Tensor input_gradient(const LayerArgs& args, const at::Tensor& grad_pre) {
+  const ElmanShape& s = args.shape;
+  const int64_t width = s.output_width();
+  std::vector<at::Tensor> weights_ih;
+  for (const auto& w : args.directions) weights_ih.push_back(w.weight_ih);
+  const at::Tensor stacked = at::cat(weights_ih, 0).contiguous();  // [D*H, I]
+  PackedMatrix<T> packed;
+  cpu::pack_matrix(packed, stacked.data_ptr<T>(), width, s.input_size, /*k_stride=*/s.input_size,
+                   /*j_stride=*/1);
+  at::Tensor grad_input = at::empty({s.rows, s.input_size}, grad_pre.options());
+  const T* dp = grad_pre.data_ptr<T>();
+  T* gi = grad_input.data_ptr<T>();
+  const int64_t grain = std::max<int64_t>(64, kParallelWorkThreshold / std::max<int64_t>(1, s.input_size * width));
+  at::parallel_for(0, s.rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<const T*> a_rows(end - begin);
+    std::vector<T*> c_rows(end - begin);
+    for (int64_t r = begin; r < end; ++r) {
+      a_rows[r - begin] = dp + r * width;
+      c_rows[r - begin] = gi + r * s.input_size;
+    }
+    cpu::row_matmul<T>(end - begin, a_rows.data(), packed, c_rows.data(), /*accumulate=*/false);
+  });
+  return grad_input;
+}
+
+// Half types run in float32 on the CPU and come back in their own type.
+bool computes_in_float(const at::Tensor& input) {
+  return input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
+}
+
+std::vector<at::Tensor> to_float(at::TensorList tensors) {
+  std::vector<at::Tensor> result;
+  for (const auto& t : tensors) result.push_back(t.to(at::kFloat));
+  return result;
+}
+
+std::tuple<at::Tensor, at::Tensor> elman_forward_cpu(const at::Tensor& input, const at::Tensor& hx,
+                                                     at::TensorList weights,
+                                                     const c10::optional<at::Tensor>& batch_sizes,
+                                                     bool relu) {
+  const LayerArgs args =
+      read_layer_args("rnn_ext::elman_forward", input, hx, weights, batch_sizes, relu);
+  if (computes_in_float(input)) {
+    auto [output, h_n] = elman_forward_cpu(input.to(at::kFloat), hx.to(at::kFloat),
+                                           to_float(weights), batch_sizes, relu);
+    return {output.to(input.scalar_type()), h_n.to(input.scalar_type())};
+  }
+  const ElmanShape& s = args.shape;
+  at::Tensor output = at::empty(output_sizes(args), input.options());
+  at::Tensor h_n = at::empty({s.directions, s.batch, s.hidden_size}, input.options());
+  if (s.rows == 0) return {output, h_n};
+  const at::Tensor input_rows = input.reshape({s.rows, s.input_size}).contiguous();
+  const at::Tensor hx_c = hx.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_ext::elman_forward", [&] {
+    forward_typed<scalar_t>(args, input_rows, hx_c, output, h_n);
+  });
+  return {output, h_n};
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elman_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
+    const at::Tensor& hx, at::TensorList weights, const at::Tensor& output,
+    const c10::optional<at::Tensor>& batch_sizes, bool relu, std::array<bool, 3> output_mask) {
+  const char* op_name = "rnn_ext::elman_backward";
+  const LayerArgs args = read_layer_args(op_name, input, hx, weights, batch_sizes, relu);
+  const ElmanShape& s = args.shape;
+  const auto expected_output = output_sizes(args);
+  TORCH_CHECK(output.sizes() == c10::IntArrayRef(expected_output), op_name, ": output must have shape ",
+              c10::IntArrayRef(expected_output), ", got ", output.sizes());
+  TORCH_CHECK(grad_output.sizes() == output.sizes(), op_name, ": grad_output must have shape ",
+              output.sizes(), ", got ", grad_output.sizes());
+  TORCH_CHECK(grad_h_n.sizes() == hx.sizes(), op_name, ": grad_h_n must have shape ", hx.sizes(),
+              ", got ", grad_h_n.sizes());
+  for (const at::Tensor* t : {&grad_output, &grad_h_n, &output}) {
+    TORCH_CHECK(t->scalar_type() == input.scalar_type() && t->device() == input.device(), op_name,
+                ": gradients and output must match the input's dtype and device");
+  }
+  if (computes_in_float(input)) {
+    auto [gi, gh, gw] = elman_backward_cpu(
+        grad_output.to(at::kFloat), grad_h_n.to(at::kFloat), input.to(at::kFloat),
+        hx.to(at::kFloat), to_float(weights), output.to(at::kFloat), batch_sizes, relu, output_mask);
+    const auto type = input.scalar_type();
+    for (auto& g : gw) g = g.to(type);
+    return {gi.to(type), gh.to(type), gw};
+  }
+
+  const int64_t H = s.hidden_size, width = s.output_width();
+  at::Tensor grad_pre = at::empty({s.rows, width}, input.options());
+  at::Tensor previous_states = at::empty({s.rows, width}, input.options());
+  at::Tensor grad_hx = at::zeros_like(hx, at::MemoryFormat::Contiguous);
+  const at::Tensor input_rows = input.reshape({s.rows, s.input_size}).contiguous();
+  if (s.rows > 0) {
+    const at::Tensor grad_output_c = grad_output.contiguous();
+    const at::Tensor grad_h_n_c = grad_h_n.contiguous();
+    const at::Tensor hx_c = hx.contiguous();
+    const at::Tensor output_c = output.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_ext::elman_backward", [&] {
+      for (const auto d : c10::irange(s.directions)) {
+        backward_direction<scalar_t>(args, d, grad_output_c.data_ptr<scalar_t>(),
+                                     grad_h_n_c.data_ptr<scalar_t>(), hx_c.data_ptr<scalar_t>(),
+                                     output_c.data_ptr<scalar_t>(), grad_pre.data_ptr<scalar_t>(),
+                                     previous_states.data_ptr<scalar_t>(),
+                                     grad_hx.data_ptr<scalar_t>());
+      }
+    });
+  }
+
+  // Gradients not asked for come back as empty tensors (an op cannot return undefined ones).
+  at::Tensor grad_input = at::empty({0}, input.options());
+  if (output_mask[0]) {
+    if (s.rows == 0) {
+      grad_input = at::zeros({s.rows, s.input_size}, input.options());
+    } else {
+      AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_ext::elman_backward_input",
+                                 [&] { grad_input = input_gradient<scalar_t>(args, grad_pre); });
+    }
+    grad_input = grad_input.view(input.sizes());
+  }
+  std::vector<at::Tensor> grad_weights;
+  if (output_mask[2]) {
+    for (const auto d : c10::irange(s.directions)) {
+      const at::Tensor grad_pre_d = grad_pre.narrow(1, d * H, H);
+      grad_weights.push_back(at::mm(grad_pre_d.t(), input_rows));
+      grad_weights.push_back(at::mm(grad_pre_d.t(), previous_states.narrow(1, d * H, H)));
+      if (s.has_bias) {
+        at::Tensor grad_bias = grad_pre_d.sum(0);
+        grad_weights.push_back(grad_bias);
+        grad_weights.push_back(grad_bias.clone());
+      }
+    }
+  }
+  if (!output_mask[1]) grad_hx = at::empty({0}, input.options());
+  return {grad_input, grad_hx, grad_weights};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rnn_ext, CPU, m) {
+  m.impl("elman_forward", &elman_forward_cpu);
+  m.impl("elman_backward", &elman_backward_cpu);
+}
+
+}  // namespace rnn_ext

@@ -1,0 +1,56 @@
+// A small register-blocked "rows times packed matrix" kernel for the CPU backend, and a vectorised
+// tanh. The recurrence multiplies at most a batch of rows by an H x H matrix per step: too small for
+// a BLAS call to pay for itself, and the input projection reuses the same kernel over all T*B rows.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace rnn_ext {
+namespace cpu {
+
+// A right-hand matrix B [depth, width] stored row-major with its width padded with zeros to a
+// multiple of the kernel's column block, so every block is full and loads are unconditional.
+template <typename T>
+struct PackedMatrix {
+  std::vector<T> data;
+  int64_t depth = 0;
+  int64_t width = 0;
+  int64_t padded_width = 0;
+};
+
+// Columns per register block: two 256-bit vectors.
+template <typename T>
+constexpr int64_t column_block() {
+  return 64 / static_cast<int64_t>(sizeof(T));
+}
+
+// Packs source (element (k, j) at source[k * k_stride + j * j_stride]) into B.
+template <typename T>
+void pack_matrix(PackedMatrix<T>& packed, const T* source, int64_t depth, int64_t width,
+                 int64_t k_stride, int64_t j_stride) {
+  constexpr int64_t block = column_block<T>();
+  packed.depth = depth;
+  packed.width = width;
+  packed.padded_width = (width + block - 1) / block * block;
+  packed.data.assign(static_cast<size_t>(depth * packed.padded_width), T(0));
+  for (int64_t k = 0; k < depth; ++k) {
+    T* row = packed.data.data() + k * packed.padded_width;
+    for (int64_t j = 0; j < width; ++j) row[j] = source[k * k_stride + j * j_stride];
+  }
+}
+
+// c_rows[r][0:width] = (accumulate ? c_rows[r][0:width] : 0) + a_rows[r][0:depth] @ B, for r in
+// [0, rows). Rows are given by pointer so the recurrence can mix h0 rows with output rows.
+// Defined for float and double in row_matmul.cpp, dispatched to an AVX+FMA build when present.
+template <typename T>
+void row_matmul(int64_t rows, const T* const* a_rows, const PackedMatrix<T>& b, T* const* c_rows,
+                bool accumulate);
+
+// values[i] = tanh(values[i]) for i in [0, count).
+template <typename T>
+void tanh_inplace(T* values, int64_t count);
+
+}  // namespace cpu
+}  // namespace rnn_ext

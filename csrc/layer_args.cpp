@@ -1,0 +1,114 @@
+// Argument checks and shape reading for the layer ops (see layer_args.h).
+#include "layer_args.h"
+
+#include <c10/util/irange.h>
+
+namespace rnn_ext {
+
+LayerArgs read_layer_args(const char* op_name, const at::Tensor& input, const at::Tensor& hx,
+                          at::TensorList weights, const c10::optional<at::Tensor>& batch_sizes,
+                          bool relu) {
+  LayerArgs args;
+  ElmanShape& s = args.shape;
+  const bool packed = batch_sizes.has_value() && batch_sizes->defined();
+  s.packed = packed;
+  s.activation = relu ? Activation::Relu : Activation::Tanh;
+
+  TORCH_CHECK(input.is_floating_point(), op_name, ": input must be a floating point tensor, got ",
+              input.scalar_type());
+  TORCH_CHECK(hx.dim() == 3, op_name, ": hx must be [directions, batch, hidden], got ", hx.sizes());
+  s.directions = hx.size(0);
+  TORCH_CHECK(s.directions == 1 || s.directions == 2, op_name,
+              ": hx.size(0) is the number of directions and must be 1 or 2, got ", s.directions);
+  TORCH_CHECK(weights.size() == static_cast<size_t>(2 * s.directions) ||
+                  weights.size() == static_cast<size_t>(4 * s.directions),
+              op_name, ": weights must hold (w_ih, w_hh[, b_ih, b_hh]) for each of the ",
+              s.directions, " direction(s), got ", weights.size(), " tensors");
+  s.has_bias = weights.size() == static_cast<size_t>(4 * s.directions);
+  s.hidden_size = hx.size(2);
+
+  if (packed) {
+    const at::Tensor& sizes = *batch_sizes;
+    TORCH_CHECK(input.dim() == 2, op_name, ": packed input must be [rows, input_size], got ",
+                input.sizes());
+    TORCH_CHECK(sizes.dim() == 1 && sizes.scalar_type() == at::kLong && sizes.device().is_cpu(),
+                op_name, ": batch_sizes must be a 1-D int64 CPU tensor, got ", sizes.scalar_type(),
+                " ", sizes.sizes(), " on ", sizes.device());
+    TORCH_CHECK(sizes.numel() > 0, op_name, ": batch_sizes must not be empty");
+    const at::Tensor sizes_c = sizes.contiguous();
+    const int64_t* data = sizes_c.data_ptr<int64_t>();
+    args.batch_sizes.assign(data, data + sizes_c.numel());
+    s.steps = sizes_c.numel();
+    s.batch = args.batch_sizes[0];
+    s.input_size = input.size(1);
+  } else {
+    TORCH_CHECK(input.dim() == 3, op_name, ": input must be [steps, batch, input_size], got ",
+                input.sizes());
+    s.steps = input.size(0);
+    s.batch = input.size(1);
+    s.input_size = input.size(2);
+    args.batch_sizes.assign(s.steps, s.batch);
+  }
+  TORCH_CHECK(s.steps > 0, op_name, ": the sequence must have at least one step");
+
+  args.step_offsets.resize(s.steps + 1);
+  int64_t total = 0;
+  for (const auto t : c10::irange(s.steps)) {
+    const int64_t size = args.batch_sizes[t];
+    TORCH_CHECK(size >= 0 && size <= s.batch && (t == 0 || size <= args.batch_sizes[t - 1]),
+                op_name, ": batch_sizes must be non-increasing and non-negative, got ",
+                c10::IntArrayRef(args.batch_sizes));
+    TORCH_CHECK(!packed || size > 0, op_name, ": batch_sizes must be positive when packed");
+    args.step_offsets[t] = total;
+    total += size;
+  }
+  args.step_offsets[s.steps] = total;
+  s.rows = total;
+  if (packed) {
+    TORCH_CHECK(input.size(0) == total, op_name, ": packed input has ", input.size(0),
+                " rows but batch_sizes sum to ", total);
+  }
+
+  TORCH_CHECK(hx.size(1) == s.batch, op_name, ": hx batch ", hx.size(1),
+              " does not match the input batch ", s.batch);
+  TORCH_CHECK(hx.scalar_type() == input.scalar_type(), op_name, ": hx dtype ", hx.scalar_type(),
+              " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK(hx.device() == input.device(), op_name, ": hx is on ", hx.device(),
+              " but input is on ", input.device());
+
+  const int64_t per_direction = s.weights_per_direction();
+  const int64_t H = s.hidden_size;
+  for (const auto d : c10::irange(s.directions)) {
+    DirectionWeights w;
+    w.weight_ih = weights[d * per_direction];
+    w.weight_hh = weights[d * per_direction + 1];
+    if (s.has_bias) {
+      w.bias_ih = weights[d * per_direction + 2];
+      w.bias_hh = weights[d * per_direction + 3];
+    }
+    auto check_weight = [&](const at::Tensor& t, const char* name, at::IntArrayRef expected) {
+      TORCH_CHECK(t.sizes() == expected, op_name, ": ", name, " of direction ", d,
+                  " must have shape ", expected, ", got ", t.sizes());
+      TORCH_CHECK(t.scalar_type() == input.scalar_type(), op_name, ": ", name, " dtype ",
+                  t.scalar_type(), " does not match input dtype ", input.scalar_type());
+      TORCH_CHECK(t.device() == input.device(), op_name, ": ", name, " is on ", t.device(),
+                  " but input is on ", input.device());
+    };
+    check_weight(w.weight_ih, "weight_ih", {H, s.input_size});
+    check_weight(w.weight_hh, "weight_hh", {H, H});
+    if (s.has_bias) {
+      check_weight(w.bias_ih, "bias_ih", {H});
+      check_weight(w.bias_hh, "bias_hh", {H});
+    }
+    args.directions.push_back(std::move(w));
+  }
+  return args;
+}
+
+std::vector<int64_t> output_sizes(const LayerArgs& args) {
+  const ElmanShape& s = args.shape;
+  if (s.packed) return {s.rows, s.output_width()};
+  return {s.steps, s.batch, s.output_width()};
+}
+
+}  // namespace rnn_ext

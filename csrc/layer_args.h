@@ -1,0 +1,37 @@
+// Reads the arguments of the rnn_ext layer ops into an ElmanShape, checking everything a caller can
+// get wrong. Shared by the CPU and CUDA implementations so both accept and reject the same inputs.
+#pragma once
+
+#include <torch/types.h>
+
+#include <vector>
+
+#include "elman.h"
+
+namespace rnn_ext {
+
+// The flat weights of one direction, as nn.RNN's _flat_weights hold them.
+struct DirectionWeights {
+  at::Tensor weight_ih;  // [H, I]
+  at::Tensor weight_hh;  // [H, H]
+  at::Tensor bias_ih;    // [H] or undefined
+  at::Tensor bias_hh;    // [H] or undefined
+};
+
+struct LayerArgs {
+  ElmanShape shape;
+  std::vector<DirectionWeights> directions;
+  std::vector<int64_t> batch_sizes;   // one per step, host memory
+  std::vector<int64_t> step_offsets;  // first row of each step, plus the total at the end
+};
+
+// input: [T, B, I] (batch_sizes undefined) or packed [N, I] (batch_sizes: int64 [T] on the CPU).
+// hx: [D, B, H]. weights: D groups of (w_ih, w_hh[, b_ih, b_hh]).
+LayerArgs read_layer_args(const char* op_name, const at::Tensor& input, const at::Tensor& hx,
+                          at::TensorList weights, const c10::optional<at::Tensor>& batch_sizes,
+                          bool relu);
+
+// The shape of the layer's output for this input: [T, B, D*H], or [N, D*H] when packed.
+std::vector<int64_t> output_sizes(const LayerArgs& args);
+
+}  // namespace rnn_ext

@@ -1,0 +1,27 @@
+// The rnn_ext operator schemas, and the Python module that loading them needs. Nothing else.
+#include <torch/library.h>
+#include <torch/extension.h>
+
+TORCH_LIBRARY(rnn_ext, m) {
+  // One Elman layer, all its directions. input [T, B, I] or packed [N, I] with batch_sizes;
+  // hx [D, B, H]; weights = D groups of (w_ih, w_hh[, b_ih, b_hh]).
+  // Returns output [T, B, D*H] (or [N, D*H]) and h_n [D, B, H].
+  m.def(
+      "elman_forward(Tensor input, Tensor hx, Tensor[] weights, Tensor? batch_sizes, bool relu)"
+      " -> (Tensor output, Tensor h_n)");
+  // Gradients of elman_forward from its saved input, hx, weights and output. output_mask says
+  // which of (input, hx, weights) need a gradient; the others come back empty.
+  m.def(
+      "elman_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor hx,"
+      " Tensor[] weights, Tensor output, Tensor? batch_sizes, bool relu, bool[3] output_mask)"
+      " -> (Tensor grad_input, Tensor grad_hx, Tensor[] grad_weights)");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "rnn_ext kernels; the operators live in torch.ops.rnn_ext";
+#ifdef RNN_EXT_WITH_CUDA
+  m.attr("built_with_cuda") = true;
+#else
+  m.attr("built_with_cuda") = false;
+#endif
+}

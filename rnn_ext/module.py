@@ -1,0 +1,126 @@
+"""rnn_ext.RNN: torch.nn.RNN's contract on rnn_ext's fused Elman ops.
+
+Subclasses nn.RNNBase (not nn.RNN, which Dynamo refuses to trace) so that parameters, init,
+state_dict, repr, flat-weight bookkeeping and argument checks are the installed torch's own.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from .ops import elman_rnn
+
+_NONLINEARITY_MODES = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
+
+
+class RNN(nn.RNNBase):
+    r"""Drop-in replacement for :class:`torch.nn.RNN`: same arguments, parameters, outputs and
+    errors; forward and backward run in rnn_ext's fused kernels.
+
+    Args:
+        input_size, hidden_size, num_layers=1, nonlinearity='tanh', bias=True, batch_first=False,
+        dropout=0.0, bidirectional=False, device=None, dtype=None: as for torch.nn.RNN.
+    """
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        mode = _NONLINEARITY_MODES.get(self.nonlinearity)
+        if mode is None:
+            raise ValueError(
+                f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'."
+            )
+        super().__init__(mode, *args, **kwargs)
+
+    def forward(self, input, hx=None):
+        self._update_flat_weights()
+        directions = 2 if self.bidirectional else 1
+        packed = isinstance(input, PackedSequence)
+        is_batched = True
+        batch_dim = 0 if self.batch_first else 1
+        sorted_indices = unsorted_indices = batch_sizes = None
+        if packed:
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            max_batch_size = batch_sizes[0]
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(
+                    f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead"
+                )
+            is_batched = input.dim() == 3
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+                if hx is not None:
+                    if hx.dim() != 2:
+                        raise RuntimeError(
+                            f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor"
+                        )
+                    hx = hx.unsqueeze(1)
+            elif hx is not None and hx.dim() != 3:
+                raise RuntimeError(
+                    f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor"
+                )
+            max_batch_size = input.size(batch_dim)
+        if hx is None:
+            hx = torch.zeros(
+                self.num_layers * directions,
+                max_batch_size,
+                self.hidden_size,
+                dtype=input.dtype,
+                device=input.device,
+            )
+        else:
+            hx = self.permute_hidden(hx, sorted_indices)
+
+        self.check_forward_args(input, hx, batch_sizes)
+        input, hx, weights = self._cast_and_check(input, hx)
+        if not packed and self.batch_first:
+            input = input.transpose(0, 1)
+        output, hidden = elman_rnn(
+            input,
+            hx,
+            weights,
+            self.num_layers,
+            self.bidirectional,
+            self.mode == "RNN_RELU",
+            self.dropout,
+            self.training,
+            batch_sizes,
+        )
+        if packed:
+            output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+            return output, self.permute_hidden(hidden, unsorted_indices)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = hidden.squeeze(1)
+        return output, hidden
+
+    def _cast_and_check(self, input, hx):
+        """Autocast (the dtype nn.RNN would run in), then the checks torch's RNN kernel makes after
+        the module's own, with its messages."""
+        weights = self._flat_weights
+        device_type = input.device.type
+        if torch.is_autocast_enabled(device_type) and device_type == "cuda":
+            dtype = torch.get_autocast_dtype(device_type)
+            input, hx = input.to(dtype), hx.to(dtype)
+            weights = [w.to(dtype) for w in weights]
+        if input.device != hx.device:
+            raise RuntimeError(
+                "Input and hidden tensors are not at the same device, found input tensor at "
+                f"{input.device} and hidden tensor at {hx.device}"
+            )
+        for w in weights:
+            if w.device != input.device:
+                raise RuntimeError(
+                    "Input and parameter tensors are not at the same device, found input tensor at "
+                    f"{input.device} and parameter tensor at {w.device}"
+                )
+        return input, hx, weights
