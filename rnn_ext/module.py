@@ -79,6 +79,8 @@ class RNN(nn.RNNBase):
             hx = self.permute_hidden(hx, sorted_indices)
 
         self.check_forward_args(input, hx, batch_sizes)
+        if not packed and input.size(1 - batch_dim) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         input, hx, weights = self._cast_and_check(input, hx)
         if not packed and self.batch_first:
             input = input.transpose(0, 1)

@@ -1,0 +1,313 @@
+"""rnn_ext.RNN keeps torch.nn.RNN's module contract: constructor, parameters, init, state_dict,
+repr, copying and saving, dropout, errors (same type and text), convert(), and it runs our ops."""
+import copy
+import io
+import pickle
+import re
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import rnn_ext
+
+
+def pair(*args, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    ours = rnn_ext.RNN(*args, **kwargs)
+    torch.manual_seed(seed)
+    theirs = nn.RNN(*args, **kwargs)
+    return ours, theirs
+
+
+@pytest.mark.parametrize(
+    "args,kwargs",
+    [
+        ((10, 20), {}),
+        ((10, 20, 2, "relu"), {}),
+        ((10, 20, 3), {"nonlinearity": "relu", "bias": False, "batch_first": True}),
+        ((4, 5), {"num_layers": 2, "dropout": 0.3, "bidirectional": True}),
+        ((4, 5, 2, "tanh", False, True, 0.5, True), {}),
+    ],
+)
+def test_parameters_names_shapes_and_init_are_nn_rnns(args, kwargs):
+    ours, theirs = pair(*args, **kwargs)
+    ours_params = list(ours.named_parameters())
+    theirs_params = list(theirs.named_parameters())
+    assert [n for n, _ in ours_params] == [n for n, _ in theirs_params]
+    for (name, a), (_, b) in zip(ours_params, theirs_params):
+        assert a.shape == b.shape, name
+        assert torch.equal(a, b), f"{name}: init differs under the same seed"
+    for attribute in ("mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first",
+                      "dropout", "bidirectional", "proj_size", "nonlinearity", "_flat_weights_names",
+                      "_all_weights"):
+        assert getattr(ours, attribute) == getattr(theirs, attribute), attribute
+    assert [[p.shape for p in layer] for layer in ours.all_weights] == [
+        [p.shape for p in layer] for layer in theirs.all_weights
+    ]
+    assert repr(ours) == repr(theirs)
+    assert ours.extra_repr() == theirs.extra_repr()
+
+
+def test_defaults():
+    module = rnn_ext.RNN(3, 4)
+    assert (module.num_layers, module.nonlinearity, module.bias, module.batch_first, module.dropout,
+            module.bidirectional) == (1, "tanh", True, False, 0.0, False)
+
+
+def test_factory_kwargs():
+    module = rnn_ext.RNN(3, 4, device="meta", dtype=torch.float64)
+    assert all(p.device.type == "meta" and p.dtype == torch.float64 for p in module.parameters())
+
+
+def expect_same_error(build):
+    """Runs build(cls) for nn.RNN and rnn_ext.RNN; both must raise the same type and message."""
+    errors = []
+    for cls in (nn.RNN, rnn_ext.RNN):
+        with pytest.raises(Exception) as info:
+            build(cls)
+        errors.append(info.value)
+    assert type(errors[0]) is type(errors[1])
+    assert str(errors[0]) == str(errors[1])
+    return errors[1]
+
+
+@pytest.mark.parametrize(
+    "args,kwargs",
+    [
+        ((3, 4), {"nonlinearity": "sigmoid"}),
+        ((3, 4, 1, "gelu"), {}),
+        ((3, 4), {"proj_size": 2}),
+        ((3, 0), {}),
+        ((0, 4), {}),
+        ((3, 4, 0), {}),
+        ((3.0, 4), {}),
+        ((3, 4), {"dropout": 1.5}),
+        ((3, 4), {"dropout": True}),
+        ((3, 4), {"bias": 1}),
+        ((3, 4), {"batch_first": "yes"}),
+    ],
+)
+def test_constructor_errors(args, kwargs):
+    expect_same_error(lambda cls: cls(*args, **kwargs))
+
+
+def test_dropout_warning_for_one_layer():
+    with pytest.warns(UserWarning, match="non-zero dropout expects num_layers greater than 1"):
+        rnn_ext.RNN(3, 4, dropout=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rnn_ext.RNN(3, 4, num_layers=2, dropout=0.5)
+
+
+@pytest.mark.parametrize(
+    "build_input",
+    [
+        lambda: (torch.randn(5, 3, 7),),  # wrong feature size
+        lambda: (torch.randn(5, 3, 4), torch.randn(2, 3, 6)),  # wrong hx layers
+        lambda: (torch.randn(5, 3, 4), torch.randn(1, 2, 6)),  # wrong hx batch
+        lambda: (torch.randn(5, 3, 4), torch.randn(1, 3, 5)),  # wrong hx hidden
+        lambda: (torch.randn(5, 3, 4), torch.randn(3, 6)),  # hx dims for batched input
+        lambda: (torch.randn(5, 4), torch.randn(1, 1, 6)),  # hx dims for unbatched input
+        lambda: (torch.randn(5, 4), torch.randn(2, 6)),  # unbatched hx wrong layers
+        lambda: (torch.randn(2, 5, 3, 4),),  # 4-D input
+        lambda: (torch.randn(4),),  # 1-D input
+        lambda: (torch.randn(5, 3, 4, dtype=torch.float64),),  # dtype mismatch
+        lambda: (torch.randint(0, 5, (5, 3, 4)),),  # integer input
+        lambda: (torch.randn(0, 3, 4),),  # empty sequence
+        lambda: (torch.randn(5, 3, 4), torch.randn(1, 3, 6, device="meta")),  # device mismatch
+    ],
+)
+def test_forward_errors_match_nn_rnn(build_input):
+    def call(cls):
+        torch.manual_seed(0)
+        module = cls(4, 6)
+        return module(*build_input())
+
+    expect_same_error(call)
+
+
+def test_packed_input_errors_match_nn_rnn():
+    packed = nn.utils.rnn.pack_sequence([torch.randn(4, 3), torch.randn(2, 3)])
+    expect_same_error(lambda cls: cls(5, 6)(packed))  # wrong feature size
+    packed = nn.utils.rnn.pack_sequence([torch.randn(4, 5), torch.randn(2, 5)])
+    expect_same_error(lambda cls: cls(5, 6)(packed, torch.randn(1, 3, 6)))  # hx batch
+
+
+def test_weights_of_wrong_shape_are_rejected():
+    module = rnn_ext.RNN(3, 4)
+    module.weight_hh_l0 = nn.Parameter(torch.randn(5, 5))
+    with pytest.raises(RuntimeError, match="weight_hh of direction 0 must have shape"):
+        module(torch.randn(2, 1, 3))
+
+
+def test_state_dict_round_trips_both_ways():
+    ours, theirs = pair(3, 5, 2, bidirectional=True, seed=1)
+    fresh_theirs = nn.RNN(3, 5, 2, bidirectional=True)
+    fresh_theirs.load_state_dict(ours.state_dict())
+    fresh_ours = rnn_ext.RNN(3, 5, 2, bidirectional=True)
+    fresh_ours.load_state_dict(theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    x = torch.randn(4, 2, 3)
+    torch.testing.assert_close(fresh_ours(x)[0], theirs(x)[0])
+    torch.testing.assert_close(fresh_theirs(x)[0], ours(x)[0])
+
+
+def test_weight_tying_by_assignment():
+    module = rnn_ext.RNN(4, 4, 2)
+    module.weight_hh_l1 = module.weight_hh_l0
+    assert module.weight_hh_l1 is module.weight_hh_l0
+    x = torch.randn(3, 2, 4)
+    output, _ = module(x)
+    output.sum().backward()
+    reference = nn.RNN(4, 4, 2)
+    reference.load_state_dict(module.state_dict())
+    reference.weight_hh_l1 = reference.weight_hh_l0
+    expected, _ = reference(x)
+    expected.sum().backward()
+    torch.testing.assert_close(output, expected)
+    torch.testing.assert_close(module.weight_hh_l0.grad, reference.weight_hh_l0.grad)
+
+
+def test_assigned_parameter_is_used():
+    module = rnn_ext.RNN(2, 3)
+    x = torch.randn(4, 1, 2)
+    before, _ = module(x)
+    module.weight_ih_l0 = nn.Parameter(torch.zeros(3, 2))
+    after, _ = module(x)
+    reference = nn.RNN(2, 3)
+    reference.load_state_dict(module.state_dict())
+    torch.testing.assert_close(after, reference(x)[0])
+    assert not torch.allclose(before, after)
+
+
+def test_to_double_and_half_round_trip():
+    module = rnn_ext.RNN(3, 4, 2).double()
+    assert all(p.dtype == torch.float64 for p in module._flat_weights)
+    output, h_n = module(torch.randn(2, 1, 3, dtype=torch.float64))
+    assert output.dtype == h_n.dtype == torch.float64
+    module = module.to(torch.float32)
+    assert module(torch.randn(2, 1, 3))[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_copies_and_saves_of_the_whole_module(how):
+    module = rnn_ext.RNN(3, 4, 2, "relu", bidirectional=True, batch_first=True)
+    if how == "deepcopy":
+        clone = copy.deepcopy(module)
+    elif how == "pickle":
+        clone = pickle.loads(pickle.dumps(module))
+    else:
+        buffer = io.BytesIO()
+        torch.save(module, buffer)
+        buffer.seek(0)
+        clone = torch.load(buffer, weights_only=False)
+    assert type(clone) is rnn_ext.RNN
+    x = torch.randn(2, 5, 3)
+    torch.testing.assert_close(clone(x)[0], module(x)[0], rtol=0, atol=0)
+    assert clone.weight_ih_l0.data_ptr() != module.weight_ih_l0.data_ptr()
+
+
+def test_dropout_between_layers_statistics():
+    """Dropout follows every layer but the last, in training only, with nn.RNN's statistics:
+    with all-ones weights the second layer's output counts the surviving units exactly."""
+    hidden, p = 1000, 0.3
+    module = rnn_ext.RNN(10, hidden, 2, "relu", bias=False, dropout=p)
+    with torch.no_grad():
+        for weight in module.parameters():
+            weight.fill_(1)
+    x = torch.ones(1, 1, 10)
+    hx = torch.zeros(2, 1, hidden)
+    module.eval()
+    output, h_n = module(x, hx)
+    assert torch.all(output == 10 * hidden) and torch.all(h_n[0] == 10)
+    module.train()
+    torch.manual_seed(0)
+    values = []
+    for _ in range(20):
+        output, h_n = module(x, hx)
+        assert output.min() == output.max()  # every unit of layer 2 sees the same dropped input
+        assert torch.all(h_n[0] == 10)  # the last layer's input only is dropped
+        kept = output[0, 0, 0].item() * (1 - p) / 10
+        assert abs(kept - round(kept)) < 1e-2
+        values.append(kept / hidden)
+    mean = sum(values) / len(values)
+    assert abs(mean - (1 - p)) < 0.02, mean  # 20000 Bernoulli draws: std of the mean ~0.003
+
+
+def test_dropout_read_at_every_call():
+    module = rnn_ext.RNN(10, 50, 2, "relu", bias=False, dropout=0.0)
+    with torch.no_grad():
+        for weight in module.parameters():
+            weight.fill_(1)
+    x = torch.ones(1, 1, 10)
+    assert module(x)[0][0, 0, 0].item() == 500
+    module.dropout = 1.0
+    assert module(x)[0][0, 0, 0].item() == 0
+    module.eval()
+    assert module(x)[0][0, 0, 0].item() == 500
+
+
+def test_hx_permuted_for_unsorted_packed_input():
+    ours, theirs = pair(3, 4, 2, bidirectional=True, seed=4)
+    ours, theirs = ours.double(), theirs.double()
+    sequences = [torch.randn(n, 3, dtype=torch.float64) for n in (2, 5, 3)]
+    packed = nn.utils.rnn.pack_sequence(sequences, enforce_sorted=False)
+    hx = torch.randn(4, 3, 4, dtype=torch.float64)
+    out_a, h_a = ours(packed, hx)
+    out_b, h_b = theirs(packed, hx)
+    torch.testing.assert_close(out_a.data, out_b.data, rtol=0, atol=1e-12)
+    torch.testing.assert_close(h_a, h_b, rtol=0, atol=1e-12)
+
+
+def test_runs_our_ops_not_torchs_rnn_kernel(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch's RNN kernel was called")
+
+    for name in ("rnn_tanh", "rnn_relu"):
+        monkeypatch.setattr(torch._VF, name, forbidden, raising=False)
+    module = rnn_ext.RNN(3, 4, 2, bidirectional=True)
+    with torch.profiler.profile() as profile:
+        output, h_n = module(torch.randn(5, 2, 3, requires_grad=True))
+        (output.sum() + h_n.sum()).backward()
+    names = {event.name for event in profile.events()}
+    assert "rnn_ext::elman_forward" in names and "rnn_ext::elman_backward" in names
+    assert not any(re.search(r"aten::(rnn_tanh|rnn_relu)", name) for name in names)
+
+
+def test_convert_swaps_every_rnn_with_same_weights():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.RNN(3, 8, 2, "relu", batch_first=True, bidirectional=True)
+            self.blocks = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
+            self.inner = nn.ModuleDict({"rnn": nn.RNN(16, 4, bias=False, batch_first=True)})
+
+        def forward(self, x):
+            y, _ = self.encoder(x)
+            y, _ = self.inner["rnn"](self.blocks(y))
+            return y
+
+    torch.manual_seed(0)
+    model = Model().eval()
+    converted = rnn_ext.convert(model)
+    assert type(converted.encoder) is rnn_ext.RNN and type(converted.inner["rnn"]) is rnn_ext.RNN
+    assert type(model.encoder) is nn.RNN  # not in place by default
+    assert converted.encoder.nonlinearity == "relu" and converted.encoder.bidirectional
+    assert converted.inner["rnn"].bias is False
+    x = torch.randn(2, 5, 3)
+    torch.testing.assert_close(converted(x), model(x))
+    assert converted.state_dict().keys() == model.state_dict().keys()
+
+    in_place = rnn_ext.convert(model, inplace=True)
+    assert in_place is model and type(model.encoder) is rnn_ext.RNN
+    standalone = rnn_ext.convert(nn.RNN(2, 3))
+    assert type(standalone) is rnn_ext.RNN
+
+
+def test_convert_keeps_parameter_identity_in_place():
+    model = nn.Sequential(nn.RNN(2, 3))
+    weight = model[0].weight_ih_l0
+    rnn_ext.convert(model, inplace=True)
+    assert model[0].weight_ih_l0 is weight
