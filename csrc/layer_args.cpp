@@ -71,10 +71,17 @@ LayerArgs read_layer_args(const char* op_name, const at::Tensor& input, const at
 
   TORCH_CHECK(hx.size(1) == s.batch, op_name, ": hx batch ", hx.size(1),
               " does not match the input batch ", s.batch);
+  // Device errors carry torch.nn.RNN's own text: the module relies on these checks.
+  TORCH_CHECK(hx.device() == input.device(),
+              "Input and hidden tensors are not at the same device, found input tensor at ",
+              input.device(), " and hidden tensor at ", hx.device());
+  for (const auto& weight : weights) {
+    TORCH_CHECK(weight.device() == input.device(),
+                "Input and parameter tensors are not at the same device, found input tensor at ",
+                input.device(), " and parameter tensor at ", weight.device());
+  }
   TORCH_CHECK(hx.scalar_type() == input.scalar_type(), op_name, ": hx dtype ", hx.scalar_type(),
               " does not match input dtype ", input.scalar_type());
-  TORCH_CHECK(hx.device() == input.device(), op_name, ": hx is on ", hx.device(),
-              " but input is on ", input.device());
 
   const int64_t per_direction = s.weights_per_direction();
   const int64_t H = s.hidden_size;
@@ -91,8 +98,6 @@ LayerArgs read_layer_args(const char* op_name, const at::Tensor& input, const at
                   " must have shape ", expected, ", got ", t.sizes());
       TORCH_CHECK(t.scalar_type() == input.scalar_type(), op_name, ": ", name, " dtype ",
                   t.scalar_type(), " does not match input dtype ", input.scalar_type());
-      TORCH_CHECK(t.device() == input.device(), op_name, ": ", name, " is on ", t.device(),
-                  " but input is on ", input.device());
     };
     check_weight(w.weight_ih, "weight_ih", {H, s.input_size});
     check_weight(w.weight_hh, "weight_hh", {H, H});

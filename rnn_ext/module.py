@@ -81,7 +81,7 @@ class RNN(nn.RNNBase):
         self.check_forward_args(input, hx, batch_sizes)
         if not packed and input.size(1 - batch_dim) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-        input, hx, weights = self._cast_and_check(input, hx)
+        input, hx, weights = self._autocast(input, hx)
         if not packed and self.batch_first:
             input = input.transpose(0, 1)
         output, hidden = elman_rnn(
@@ -105,24 +105,25 @@ class RNN(nn.RNNBase):
             hidden = hidden.squeeze(1)
         return output, hidden
 
-    def _cast_and_check(self, input, hx):
-        """Autocast (the dtype nn.RNN would run in), then the checks torch's RNN kernel makes after
-        the module's own, with its messages."""
+    def _weights_have_changed(self):
+        # nn.RNNBase's version calls hasattr/getattr per weight (Module.__getattr__ is slow); the
+        # registered Parameter is read straight from _parameters, and anything else (weight_norm,
+        # parametrizations, plain tensors assigned by the user) through getattr as before.
+        parameters = self._parameters
+        for ref, name in zip(self._flat_weight_refs, self._flat_weights_names):
+            weight = parameters.get(name)
+            if weight is None:
+                weight = getattr(self, name, None)
+            if weight is not None and ref is not None and ref() is not weight:
+                return True
+        return False
+
+    def _autocast(self, input, hx):
+        """Under CUDA autocast nn.RNN runs in the autocast dtype (its kernel is on autocast's
+        lower-precision list); do the same. Elsewhere the weights are used as they are."""
         weights = self._flat_weights
-        device_type = input.device.type
-        if torch.is_autocast_enabled(device_type) and device_type == "cuda":
-            dtype = torch.get_autocast_dtype(device_type)
+        if input.is_cuda and torch.is_autocast_enabled("cuda"):
+            dtype = torch.get_autocast_dtype("cuda")
             input, hx = input.to(dtype), hx.to(dtype)
             weights = [w.to(dtype) for w in weights]
-        if input.device != hx.device:
-            raise RuntimeError(
-                "Input and hidden tensors are not at the same device, found input tensor at "
-                f"{input.device} and hidden tensor at {hx.device}"
-            )
-        for w in weights:
-            if w.device != input.device:
-                raise RuntimeError(
-                    "Input and parameter tensors are not at the same device, found input tensor at "
-                    f"{input.device} and parameter tensor at {w.device}"
-                )
         return input, hx, weights

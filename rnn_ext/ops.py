@@ -1,5 +1,6 @@
-"""The rnn_ext operators as Python sees them: fake (meta) kernels for tracing, autograd through the
-backward op, and `elman_rnn`, the multi-layer driver the module calls."""
+"""The rnn_ext operators as Python sees them: fake (meta) kernels for tracing, and `elman_rnn`, the
+multi-layer driver the module calls. Autograd is registered in C++ (csrc/autograd.cpp) so that a
+call costs no Python; its backward is the rnn_ext::elman_backward op."""
 from __future__ import annotations
 
 import torch
@@ -10,8 +11,24 @@ elman_forward = torch.ops.rnn_ext.elman_forward.default
 elman_backward = torch.ops.rnn_ext.elman_backward.default
 
 
+def _check_devices(input, hx, weights):
+    # The C++ kernels make the same checks; a mix with meta tensors dispatches here instead.
+    if hx.device != input.device:
+        raise RuntimeError(
+            "Input and hidden tensors are not at the same device, found input tensor at "
+            f"{input.device} and hidden tensor at {hx.device}"
+        )
+    for weight in weights:
+        if weight.device != input.device:
+            raise RuntimeError(
+                "Input and parameter tensors are not at the same device, found input tensor at "
+                f"{input.device} and parameter tensor at {weight.device}"
+            )
+
+
 @torch.library.register_fake("rnn_ext::elman_forward")
 def _elman_forward_fake(input, hx, weights, batch_sizes, relu):
+    _check_devices(input, hx, weights)
     width = hx.shape[0] * hx.shape[2]
     output = input.new_empty((*input.shape[:-1], width))
     return output, hx.new_empty(hx.shape)
@@ -23,41 +40,6 @@ def _elman_backward_fake(grad_output, grad_h_n, input, hx, weights, output, batc
     grad_hx = hx.new_empty(hx.shape) if output_mask[1] else hx.new_empty((0,))
     grad_weights = [w.new_empty(w.shape) for w in weights] if output_mask[2] else []
     return grad_input, grad_hx, grad_weights
-
-
-def _setup_context(ctx, inputs, output):
-    input, hx, weights, batch_sizes, relu = inputs
-    ctx.relu = relu
-    ctx.packed = batch_sizes is not None
-    saved = [input, hx, output[0], *weights]
-    if ctx.packed:
-        saved.append(batch_sizes)
-    ctx.save_for_backward(*saved)
-
-
-def _backward(ctx, grad_output, grad_h_n):
-    saved = list(ctx.saved_tensors)
-    batch_sizes = saved.pop() if ctx.packed else None
-    input, hx, output, *weights = saved
-    needs_input, needs_hx, needs_weights = ctx.needs_input_grad[:3]
-    mask = [bool(needs_input), bool(needs_hx), any(needs_weights)]
-    if grad_output is None:
-        grad_output = torch.zeros_like(output)
-    if grad_h_n is None:
-        grad_h_n = torch.zeros_like(hx)
-    grad_input, grad_hx, grad_weights = elman_backward(
-        grad_output, grad_h_n, input, hx, weights, output, batch_sizes, ctx.relu, mask
-    )
-    return (
-        grad_input if mask[0] else None,
-        grad_hx if mask[1] else None,
-        list(grad_weights) if mask[2] else None,
-        None,
-        None,
-    )
-
-
-torch.library.register_autograd("rnn_ext::elman_forward", _backward, setup_context=_setup_context)
 
 
 def elman_rnn(input, hx, flat_weights, num_layers, bidirectional, relu, dropout=0.0, training=False,

@@ -104,3 +104,32 @@ def test_ops_reject_bad_arguments_with_runtime_error():
     for call in bad_calls:
         with pytest.raises(RuntimeError, match="rnn_ext::elman_forward"):
             call()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_gradgradcheck(device, case):
+    """Double backward (create_graph=True) works as it does for nn.RNN on the CPU."""
+    x, hx, weights, batch_sizes = layer_args(device, steps=3, batch=2, hidden=3, requires_grad=True, **case)
+
+    def layer(x, hx, *weights):
+        return forward_op(x, hx, list(weights), batch_sizes, False)
+
+    assert torch.autograd.gradgradcheck(layer, (x, hx, *weights))
+
+
+def test_double_backward_matches_nn_rnn():
+    torch.manual_seed(0)
+    ours = rnn_ext.RNN(3, 4, 2, bidirectional=True).double()
+    theirs = torch.nn.RNN(3, 4, 2, bidirectional=True).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    results = []
+    for module in (ours, theirs):
+        xs = x.clone().requires_grad_(True)
+        output, h_n = module(xs)
+        (grad_x,) = torch.autograd.grad(output.pow(2).sum() + h_n.sum(), xs, create_graph=True)
+        penalty = grad_x.pow(2).sum()  # a gradient penalty, as in WGAN-GP
+        penalty.backward()
+        results.append([grad_x.detach()] + [p.grad for p in module.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
