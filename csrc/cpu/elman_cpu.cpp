@@ -23,6 +23,49 @@ using cpu::PackedMatrix;
 
 // Below this many multiply-adds the input projection stays on the calling thread.
 constexpr int64_t kParallelWorkThreshold = 1 << 18;
+// A time step is split across threads only above this many multiply-adds: a fork/join costs a
+// few microseconds, which a 32 x 32 x 32 step (about 1 us of arithmetic) would not repay.
+constexpr int64_t kStepParallelThreshold = 1 << 16;
+
+// One step's product c = (accumulate ? c : 0) + a @ b, then epilogue(column_begin, column_end)
+// on the columns just written. Large steps split their columns across torch's intra-op threads,
+// so each thread reads only its slice of W_hh and no two threads write the same element.
+template <typename T, typename Epilogue>
+void step_product(int64_t rows, const T* const* a_rows, const PackedMatrix<T>& b,
+                  T* const* c_rows, bool accumulate, const Epilogue& epilogue) {
+  constexpr int64_t block = cpu::column_block<T>();
+  const int64_t blocks = b.padded_width / block;
+  if (rows * b.depth * b.width < kStepParallelThreshold || blocks < 2 ||
+      at::get_num_threads() < 2 || at::in_parallel_region()) {
+    cpu::row_matmul<T>(rows, a_rows, b, c_rows, accumulate);
+    epilogue(0, b.width);
+    return;
+  }
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t column_begin = begin * block;
+    const int64_t column_end = std::min(end * block, b.width);
+    cpu::row_matmul<T>(rows, a_rows, b, c_rows, accumulate, column_begin, column_end);
+    epilogue(column_begin, column_end);
+  });
+}
+
+// c[r] = (accumulate ? c[r] : 0) + a[r] @ b for `rows` rows at fixed strides, split over rows
+// across torch's intra-op threads when the product is large enough.
+template <typename T>
+void parallel_row_matmul(int64_t rows, const T* a, int64_t a_stride, const PackedMatrix<T>& b,
+                         T* c, int64_t c_stride, bool accumulate) {
+  const int64_t per_row = std::max<int64_t>(1, b.depth * b.width);
+  const int64_t grain = std::max<int64_t>(16, kParallelWorkThreshold / per_row);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<const T*> a_rows(end - begin);
+    std::vector<T*> c_rows(end - begin);
+    for (int64_t r = begin; r < end; ++r) {
+      a_rows[r - begin] = a + r * a_stride;
+      c_rows[r - begin] = c + r * c_stride;
+    }
+    cpu::row_matmul<T>(end - begin, a_rows.data(), b, c_rows.data(), accumulate);
+  });
+}
 
 template <typename T>
 void apply_activation(T* values, int64_t count, Activation activation) {
@@ -49,17 +92,11 @@ void project_inputs(const LayerArgs& args, int64_t direction, const T* input, T*
     const at::Tensor b_ih = w.bias_ih.contiguous(), b_hh = w.bias_hh.contiguous();
     for (const auto j : c10::irange(H)) bias[j] = b_ih.data_ptr<T>()[j] + b_hh.data_ptr<T>()[j];
   }
-  const int64_t grain = std::max<int64_t>(64, kParallelWorkThreshold / std::max<int64_t>(1, s.input_size * H));
-  at::parallel_for(0, s.rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<const T*> a_rows(end - begin);
-    std::vector<T*> c_rows(end - begin);
-    for (int64_t r = begin; r < end; ++r) {
-      a_rows[r - begin] = input + r * s.input_size;
-      c_rows[r - begin] = output + output_index(r, direction, 0, H, s.directions);
-      if (s.has_bias) std::memcpy(c_rows[r - begin], bias.data(), H * sizeof(T));
-    }
-    cpu::row_matmul<T>(end - begin, a_rows.data(), weight_t, c_rows.data(), s.has_bias);
-  });
+  T* output_columns = output + output_index(0, direction, 0, H, s.directions);
+  if (s.has_bias) {
+    for (const auto r : c10::irange(s.rows)) std::memcpy(output_columns + r * width, bias.data(), H * sizeof(T));
+  }
+  parallel_row_matmul<T>(s.rows, input, s.input_size, weight_t, output_columns, width, s.has_bias);
 }
 
 template <typename T>
@@ -87,12 +124,16 @@ void forward_direction(const LayerArgs& args, int64_t direction, const T* hx, T*
                         : output + output_index(args.step_offsets[previous_step] + b, direction, 0, H, D);
       current[b] = output + output_index(offset + b, direction, 0, H, D);
     }
-    cpu::row_matmul<T>(rows, previous.data(), weight_t, current.data(), /*accumulate=*/true);
-    if (D == 1) {
-      apply_activation(current[0], rows * H, s.activation);
-    } else {
-      for (const auto b : c10::irange(rows)) apply_activation(current[b], H, s.activation);
-    }
+    step_product(rows, previous.data(), weight_t, current.data(), /*accumulate=*/true,
+                 [&](int64_t column_begin, int64_t column_end) {
+                   if (D == 1 && column_begin == 0 && column_end == H) {
+                     apply_activation(current[0], rows * H, s.activation);  // rows are adjacent
+                     return;
+                   }
+                   for (const auto b : c10::irange(rows))
+                     apply_activation(current[b] + column_begin, column_end - column_begin,
+                                      s.activation);
+                 });
     for (const auto b : c10::irange(rows)) {
       if (writes_final_state(batch_sizes, T_, t, b, reverse))
         std::memcpy(final_state + b * H, current[b], H * sizeof(T));
@@ -152,7 +193,8 @@ void backward_direction(const LayerArgs& args, int64_t direction, const T* grad_
       std::memcpy(previous_states + index, h_prev, H * sizeof(T));
       targets[b] = initial ? grad_h0 + b * H : dh;
     }
-    cpu::row_matmul<T>(rows, grad_rows.data(), weight, targets.data(), /*accumulate=*/false);
+    step_product(rows, grad_rows.data(), weight, targets.data(), /*accumulate=*/false,
+                 [](int64_t, int64_t) {});
   }
 }
 
@@ -167,19 +209,43 @@ at::Tensor input_gradient(const LayerArgs& args, const at::Tensor& grad_pre) {
   cpu::pack_matrix(packed, stacked.data_ptr<T>(), width, s.input_size, /*k_stride=*/s.input_size,
                    /*j_stride=*/1);
   at::Tensor grad_input = at::empty({s.rows, s.input_size}, grad_pre.options());
-  const T* dp = grad_pre.data_ptr<T>();
-  T* gi = grad_input.data_ptr<T>();
-  const int64_t grain = std::max<int64_t>(64, kParallelWorkThreshold / std::max<int64_t>(1, s.input_size * width));
-  at::parallel_for(0, s.rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<const T*> a_rows(end - begin);
-    std::vector<T*> c_rows(end - begin);
-    for (int64_t r = begin; r < end; ++r) {
-      a_rows[r - begin] = dp + r * width;
-      c_rows[r - begin] = gi + r * s.input_size;
-    }
-    cpu::row_matmul<T>(end - begin, a_rows.data(), packed, c_rows.data(), /*accumulate=*/false);
-  });
+  parallel_row_matmul<T>(s.rows, grad_pre.data_ptr<T>(), width, packed, grad_input.data_ptr<T>(),
+                         s.input_size, /*accumulate=*/false);
   return grad_input;
+}
+
+// Weight gradients dW_ih = dP^T X and dW_hh = dP^T H_prev per direction, with the same kernel:
+// the rows of dP^T times X (or H_prev) packed as the right-hand side.
+template <typename T>
+std::vector<at::Tensor> weight_gradients(const LayerArgs& args, const at::Tensor& grad_pre,
+                                         const at::Tensor& input_rows,
+                                         const at::Tensor& previous_states) {
+  const ElmanShape& s = args.shape;
+  const int64_t H = s.hidden_size, width = s.output_width();
+  const at::Tensor grad_pre_t = grad_pre.t().contiguous();  // [D*H, rows]
+  PackedMatrix<T> inputs, previous;
+  cpu::pack_matrix(inputs, input_rows.data_ptr<T>(), s.rows, s.input_size,
+                   /*k_stride=*/s.input_size, /*j_stride=*/1);
+  std::vector<at::Tensor> grads;
+  for (const auto d : c10::irange(s.directions)) {
+    const T* grad_pre_d = grad_pre_t.data_ptr<T>() + d * H * s.rows;
+    at::Tensor grad_ih = at::empty({H, s.input_size}, grad_pre.options());
+    parallel_row_matmul<T>(H, grad_pre_d, s.rows, inputs, grad_ih.data_ptr<T>(), s.input_size,
+                           /*accumulate=*/false);
+    cpu::pack_matrix(previous, previous_states.data_ptr<T>() + d * H, s.rows, H,
+                     /*k_stride=*/width, /*j_stride=*/1);
+    at::Tensor grad_hh = at::empty({H, H}, grad_pre.options());
+    parallel_row_matmul<T>(H, grad_pre_d, s.rows, previous, grad_hh.data_ptr<T>(), H,
+                           /*accumulate=*/false);
+    grads.push_back(grad_ih);
+    grads.push_back(grad_hh);
+    if (s.has_bias) {
+      at::Tensor grad_bias = grad_pre.narrow(1, d * H, H).sum(0);
+      grads.push_back(grad_bias);
+      grads.push_back(grad_bias.clone());
+    }
+  }
+  return grads;
 }
 
 // Half types run in float32 on the CPU and come back in their own type.
@@ -277,15 +343,12 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elman_backward_cpu(
   }
   std::vector<at::Tensor> grad_weights;
   if (output_mask[2]) {
-    for (const auto d : c10::irange(s.directions)) {
-      const at::Tensor grad_pre_d = grad_pre.narrow(1, d * H, H);
-      grad_weights.push_back(at::mm(grad_pre_d.t(), input_rows));
-      grad_weights.push_back(at::mm(grad_pre_d.t(), previous_states.narrow(1, d * H, H)));
-      if (s.has_bias) {
-        at::Tensor grad_bias = grad_pre_d.sum(0);
-        grad_weights.push_back(grad_bias);
-        grad_weights.push_back(grad_bias.clone());
-      }
+    if (s.rows == 0) {
+      for (const auto& w : weights) grad_weights.push_back(at::zeros_like(w, at::MemoryFormat::Contiguous));
+    } else {
+      AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_ext::elman_backward_weights", [&] {
+        grad_weights = weight_gradients<scalar_t>(args, grad_pre, input_rows, previous_states);
+      });
     }
   }
   if (!output_mask[1]) grad_hx = at::empty({0}, input.options());

@@ -32,22 +32,33 @@ RNN_EXT_INLINE void store(T* p, vec_t<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// ROWS rows times one column block of B: 2 * ROWS vector accumulators stay in registers.
+// Written lane by lane so the compiler emits one broadcast (vbroadcastss from memory with AVX);
+// `vec_t<T>{} + value` would be an add, a shuffle and an insert.
+template <typename T>
+RNN_EXT_INLINE vec_t<T> broadcast(T value) {
+  vec_t<T> v;
+  for (int64_t i = 0; i < Vector<T>::lanes; ++i) v[i] = value;
+  return v;
+}
+
+// ROWS rows times one column block of B over depth [k_begin, k_end): 2 * ROWS vector
+// accumulators stay in registers; the result is added to C or replaces it.
 template <typename T, int ROWS>
-RNN_EXT_INLINE void block_kernel(const T* const* a, const T* b, int64_t depth, int64_t ldb,
-                                 T* const* c, int64_t column, int64_t width, bool accumulate) {
+RNN_EXT_INLINE void block_kernel(const T* const* a, const T* b, int64_t k_begin, int64_t k_end,
+                                 int64_t ldb, T* const* c, int64_t column, int64_t width,
+                                 bool accumulate) {
   constexpr int64_t lanes = Vector<T>::lanes;
   vec_t<T> acc0[ROWS], acc1[ROWS];
   for (int r = 0; r < ROWS; ++r) {
     acc0[r] = vec_t<T>{};
     acc1[r] = vec_t<T>{};
   }
-  const T* bk = b + column;
-  for (int64_t k = 0; k < depth; ++k, bk += ldb) {
+  const T* bk = b + k_begin * ldb + column;
+  for (int64_t k = k_begin; k < k_end; ++k, bk += ldb) {
     const vec_t<T> b0 = load(bk);
     const vec_t<T> b1 = load(bk + lanes);
     for (int r = 0; r < ROWS; ++r) {
-      const vec_t<T> x = vec_t<T>{} + a[r][k];
+      const vec_t<T> x = broadcast(a[r][k]);
       acc0[r] += x * b0;
       acc1[r] += x * b1;
     }
@@ -73,34 +84,35 @@ RNN_EXT_INLINE void block_kernel(const T* const* a, const T* b, int64_t depth, i
 
 template <typename T>
 RNN_EXT_INLINE void row_matmul_body(int64_t rows, const T* const* a_rows,
-                                    const PackedMatrix<T>& b, T* const* c_rows, bool accumulate) {
-  // Rows are taken in chunks whose A slice stays in L2 while every column block streams past it.
+                                    const PackedMatrix<T>& b, T* const* c_rows, bool accumulate,
+                                    int64_t column_begin, int64_t column_end) {
+  // Cache blocking: a chunk of rows x a depth slice of A (64 x 256 floats) stays in L2, and the
+  // B strip of one column block over that depth slice (256 x 16 floats) in L1 while the
+  // chunk's rows stream past it. Depth slices after the first accumulate into C.
   constexpr int64_t kRowChunk = 64;
+  constexpr int64_t kDepthChunk = 256;
   constexpr int64_t kRowBlock = 4;
   constexpr int64_t block = column_block<T>();
   const T* bdata = b.data.data();
+  const int64_t ldb = b.padded_width;
   for (int64_t chunk = 0; chunk < rows; chunk += kRowChunk) {
     const int64_t chunk_end = std::min(rows, chunk + kRowChunk);
-    for (int64_t column = 0; column < b.width; column += block) {
-      int64_t r = chunk;
-      for (; r + kRowBlock <= chunk_end; r += kRowBlock)
-        block_kernel<T, kRowBlock>(a_rows + r, bdata, b.depth, b.padded_width, c_rows + r, column,
-                                   b.width, accumulate);
-      switch (chunk_end - r) {
-        case 3:
-          block_kernel<T, 3>(a_rows + r, bdata, b.depth, b.padded_width, c_rows + r, column,
-                             b.width, accumulate);
-          break;
-        case 2:
-          block_kernel<T, 2>(a_rows + r, bdata, b.depth, b.padded_width, c_rows + r, column,
-                             b.width, accumulate);
-          break;
-        case 1:
-          block_kernel<T, 1>(a_rows + r, bdata, b.depth, b.padded_width, c_rows + r, column,
-                             b.width, accumulate);
-          break;
-        default:
-          break;
+    for (int64_t column = column_begin; column < column_end; column += block) {
+      for (int64_t k0 = 0; k0 < std::max<int64_t>(b.depth, 1); k0 += kDepthChunk) {
+        const int64_t k1 = std::min(b.depth, k0 + kDepthChunk);
+        const bool add = accumulate || k0 > 0;
+        int64_t r = chunk;
+        for (; r + kRowBlock <= chunk_end; r += kRowBlock)
+          block_kernel<T, kRowBlock>(a_rows + r, bdata, k0, k1, ldb, c_rows + r, column, b.width,
+                                     add);
+        const int64_t left = chunk_end - r;
+        if (left == 3) {
+          block_kernel<T, 3>(a_rows + r, bdata, k0, k1, ldb, c_rows + r, column, b.width, add);
+        } else if (left == 2) {
+          block_kernel<T, 2>(a_rows + r, bdata, k0, k1, ldb, c_rows + r, column, b.width, add);
+        } else if (left == 1) {
+          block_kernel<T, 1>(a_rows + r, bdata, k0, k1, ldb, c_rows + r, column, b.width, add);
+        }
       }
     }
   }
@@ -158,14 +170,16 @@ RNN_EXT_INLINE void tanh_body(float* values, int64_t count) {
 template <typename T>
 __attribute__((target("avx,fma"))) void row_matmul_avx(int64_t rows, const T* const* a_rows,
                                                         const PackedMatrix<T>& b,
-                                                        T* const* c_rows, bool accumulate) {
-  row_matmul_body(rows, a_rows, b, c_rows, accumulate);
+                                                        T* const* c_rows, bool accumulate,
+                                                        int64_t column_begin, int64_t column_end) {
+  row_matmul_body(rows, a_rows, b, c_rows, accumulate, column_begin, column_end);
 }
 
 template <typename T>
 void row_matmul_baseline(int64_t rows, const T* const* a_rows, const PackedMatrix<T>& b,
-                         T* const* c_rows, bool accumulate) {
-  row_matmul_body(rows, a_rows, b, c_rows, accumulate);
+                         T* const* c_rows, bool accumulate, int64_t column_begin,
+                         int64_t column_end) {
+  row_matmul_body(rows, a_rows, b, c_rows, accumulate, column_begin, column_end);
 }
 
 __attribute__((target("avx,fma"))) void tanh_avx(float* values, int64_t count) {
@@ -183,12 +197,13 @@ bool cpu_has_avx_fma() {
 
 template <typename T>
 void row_matmul(int64_t rows, const T* const* a_rows, const PackedMatrix<T>& b, T* const* c_rows,
-                bool accumulate) {
-  if (rows <= 0 || b.width <= 0) return;
+                bool accumulate, int64_t column_begin, int64_t column_end) {
+  column_end = std::min(column_end, b.width);
+  if (rows <= 0 || column_begin >= column_end) return;
   if (cpu_has_avx_fma()) {
-    row_matmul_avx(rows, a_rows, b, c_rows, accumulate);
+    row_matmul_avx(rows, a_rows, b, c_rows, accumulate, column_begin, column_end);
   } else {
-    row_matmul_baseline(rows, a_rows, b, c_rows, accumulate);
+    row_matmul_baseline(rows, a_rows, b, c_rows, accumulate, column_begin, column_end);
   }
 }
 
@@ -208,9 +223,9 @@ void tanh_inplace<double>(double* values, int64_t count) {
 }
 
 template void row_matmul<float>(int64_t, const float* const*, const PackedMatrix<float>&,
-                                float* const*, bool);
+                                float* const*, bool, int64_t, int64_t);
 template void row_matmul<double>(int64_t, const double* const*, const PackedMatrix<double>&,
-                                 double* const*, bool);
+                                 double* const*, bool, int64_t, int64_t);
 
 }  // namespace cpu
 }  // namespace rnn_ext

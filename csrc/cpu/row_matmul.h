@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <vector>
 
@@ -41,12 +42,14 @@ void pack_matrix(PackedMatrix<T>& packed, const T* source, int64_t depth, int64_
   }
 }
 
-// c_rows[r][0:width] = (accumulate ? c_rows[r][0:width] : 0) + a_rows[r][0:depth] @ B, for r in
-// [0, rows). Rows are given by pointer so the recurrence can mix h0 rows with output rows.
-// Defined for float and double in row_matmul.cpp, dispatched to an AVX+FMA build when present.
+// c_rows[r][j] = (accumulate ? c_rows[r][j] : 0) + a_rows[r][0:depth] @ B[:, j], for r in
+// [0, rows) and j in [column_begin, min(column_end, width)). Rows are given by pointer so the
+// recurrence can mix h0 rows with output rows; a column range lets threads split one product
+// (column_begin must be a multiple of column_block<T>()). Defined for float and double in
+// row_matmul.cpp, dispatched to an AVX+FMA build when the CPU has one.
 template <typename T>
 void row_matmul(int64_t rows, const T* const* a_rows, const PackedMatrix<T>& b, T* const* c_rows,
-                bool accumulate);
+                bool accumulate, int64_t column_begin = 0, int64_t column_end = INT64_MAX);
 
 // values[i] = tanh(values[i]) for i in [0, count).
 template <typename T>
