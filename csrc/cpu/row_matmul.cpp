@@ -32,15 +32,6 @@ RNN_EXT_INLINE void store(T* p, vec_t<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// Written lane by lane so the compiler emits one broadcast (vbroadcastss from memory with AVX);
-// `vec_t<T>{} + value` would be an add, a shuffle and an insert.
-template <typename T>
-RNN_EXT_INLINE vec_t<T> broadcast(T value) {
-  vec_t<T> v;
-  for (int64_t i = 0; i < Vector<T>::lanes; ++i) v[i] = value;
-  return v;
-}
-
 // ROWS rows times one column block of B over depth [k_begin, k_end): 2 * ROWS vector
 // accumulators stay in registers; the result is added to C or replaces it.
 template <typename T, int ROWS>
@@ -58,9 +49,11 @@ RNN_EXT_INLINE void block_kernel(const T* const* a, const T* b, int64_t k_begin,
     const vec_t<T> b0 = load(bk);
     const vec_t<T> b1 = load(bk + lanes);
     for (int r = 0; r < ROWS; ++r) {
-      const vec_t<T> x = broadcast(a[r][k]);
-      acc0[r] += x * b0;
-      acc1[r] += x * b1;
+      // vector * scalar: the compiler broadcasts straight from memory (vbroadcastss with AVX);
+      // building the vector by hand costs a shuffle or an insert per lane.
+      const T x = a[r][k];
+      acc0[r] += b0 * x;
+      acc1[r] += b1 * x;
     }
   }
   const int64_t valid = std::min<int64_t>(2 * lanes, width - column);
@@ -86,12 +79,14 @@ template <typename T>
 RNN_EXT_INLINE void row_matmul_body(int64_t rows, const T* const* a_rows,
                                     const PackedMatrix<T>& b, T* const* c_rows, bool accumulate,
                                     int64_t column_begin, int64_t column_end) {
-  // Cache blocking: a chunk of rows x a depth slice of A (64 x 256 floats) stays in L2, and the
+  // Cache blocking: a chunk of rows x a depth slice of A (60 x 256 floats) stays in L2, and the
   // B strip of one column block over that depth slice (256 x 16 floats) in L1 while the
   // chunk's rows stream past it. Depth slices after the first accumulate into C.
-  constexpr int64_t kRowChunk = 64;
+  constexpr int64_t kRowChunk = 60;
   constexpr int64_t kDepthChunk = 256;
-  constexpr int64_t kRowBlock = 4;
+  // 6 rows x 2 vectors = 12 accumulators: enough independent FMAs in flight to cover the FMA
+  // latency on two pipes, and with the 2 B vectors and a broadcast still within 16 registers.
+  constexpr int64_t kRowBlock = 6;
   constexpr int64_t block = column_block<T>();
   const T* bdata = b.data.data();
   const int64_t ldb = b.padded_width;
@@ -106,11 +101,15 @@ RNN_EXT_INLINE void row_matmul_body(int64_t rows, const T* const* a_rows,
           block_kernel<T, kRowBlock>(a_rows + r, bdata, k0, k1, ldb, c_rows + r, column, b.width,
                                      add);
         const int64_t left = chunk_end - r;
-        if (left == 3) {
+        if (left >= 4) {
+          block_kernel<T, 4>(a_rows + r, bdata, k0, k1, ldb, c_rows + r, column, b.width, add);
+          r += 4;
+        }
+        if (chunk_end - r == 3) {
           block_kernel<T, 3>(a_rows + r, bdata, k0, k1, ldb, c_rows + r, column, b.width, add);
-        } else if (left == 2) {
+        } else if (chunk_end - r == 2) {
           block_kernel<T, 2>(a_rows + r, bdata, k0, k1, ldb, c_rows + r, column, b.width, add);
-        } else if (left == 1) {
+        } else if (chunk_end - r == 1) {
           block_kernel<T, 1>(a_rows + r, bdata, k0, k1, ldb, c_rows + r, column, b.width, add);
         }
       }
