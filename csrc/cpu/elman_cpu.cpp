@@ -204,7 +204,8 @@ at::Tensor input_gradient(const LayerArgs& args, const at::Tensor& grad_pre) {
   const int64_t width = s.output_width();
   std::vector<at::Tensor> weights_ih;
   for (const auto& w : args.directions) weights_ih.push_back(w.weight_ih);
-  const at::Tensor stacked = at::cat(weights_ih, 0).contiguous();  // [D*H, I]
+  const at::Tensor stacked =  // [D*H, I]
+      weights_ih.size() == 1 ? weights_ih[0].contiguous() : at::cat(weights_ih, 0);
   PackedMatrix<T> packed;
   cpu::pack_matrix(packed, stacked.data_ptr<T>(), width, s.input_size, /*k_stride=*/s.input_size,
                    /*j_stride=*/1);
@@ -240,7 +241,13 @@ std::vector<at::Tensor> weight_gradients(const LayerArgs& args, const at::Tensor
     grads.push_back(grad_ih);
     grads.push_back(grad_hh);
     if (s.has_bias) {
-      at::Tensor grad_bias = grad_pre.narrow(1, d * H, H).sum(0);
+      // Both biases get the column sums of dP_d, summed row by row so the result is the same
+      // whatever the thread count.
+      at::Tensor grad_bias = at::zeros({H}, grad_pre.options());
+      T* sums = grad_bias.data_ptr<T>();
+      const T* rows = grad_pre.data_ptr<T>() + d * H;
+      for (const auto r : c10::irange(s.rows))
+        for (const auto j : c10::irange(H)) sums[j] += rows[r * width + j];
       grads.push_back(grad_bias);
       grads.push_back(grad_bias.clone());
     }
