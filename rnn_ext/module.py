@@ -47,7 +47,10 @@ class RNN(nn.RNNBase):
         sorted_indices = unsorted_indices = batch_sizes = None
         if packed:
             input, batch_sizes, sorted_indices, unsorted_indices = input
-            max_batch_size = batch_sizes[0]
+            # One read of the packed batch size, as a Python int: under torch.compile (with
+            # capture_scalar_outputs) and torch.export every read of a tensor's value is a new
+            # unknown symbol, and hx's batch must provably be this same one.
+            max_batch_size = batch_sizes[0].item()
         else:
             if input.dim() not in (2, 3):
                 raise ValueError(
@@ -77,8 +80,15 @@ class RNN(nn.RNNBase):
             )
         else:
             hx = self.permute_hidden(hx, sorted_indices)
+            if packed and hx.dim() == 3 and torch.compiler.is_compiling():
+                # A user's hx has a known batch, the packed one is an unknown: tell the compiler
+                # they are equal (checked at run time) so the size check below can be traced.
+                torch._check(hx.size(1) == max_batch_size)
 
-        self.check_forward_args(input, hx, batch_sizes)
+        # nn.RNNBase.check_forward_args, with the batch read above instead of a second read of
+        # batch_sizes[0]: the same checks, in the same order, with the same messages.
+        self.check_input(input, batch_sizes)
+        self.check_hidden_size(hx, (self.num_layers * directions, max_batch_size, self.hidden_size))
         if not packed and input.size(1 - batch_dim) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         input, hx, weights = self._autocast(input, hx)
@@ -95,11 +105,16 @@ class RNN(nn.RNNBase):
             self.training,
             batch_sizes,
         )
+        if not packed and self.batch_first:
+            output = output.transpose(0, 1)
+        if output.requires_grad:
+            # The op saved its output for backward (act' is computed from it). Hand the caller a
+            # copy with the same strides, so that in-place use of it (`out += residual`,
+            # Dropout(inplace=True)) works as with nn.RNN, and so that it is not a view.
+            output = output.clone()
         if packed:
             output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
             return output, self.permute_hidden(hidden, unsorted_indices)
-        if self.batch_first:
-            output = output.transpose(0, 1)
         if not is_batched:
             output = output.squeeze(batch_dim)
             hidden = hidden.squeeze(1)
@@ -119,11 +134,19 @@ class RNN(nn.RNNBase):
         return False
 
     def _autocast(self, input, hx):
-        """Under CUDA autocast nn.RNN runs in the autocast dtype (its kernel is on autocast's
-        lower-precision list); do the same. Elsewhere the weights are used as they are."""
+        """Under autocast, CUDA or CPU, nn.RNN runs in the autocast dtype (its kernel is on
+        autocast's lower-precision list); do the same, with autocast's rule for what it casts:
+        floating tensors except float64 ones."""
         weights = self._flat_weights
-        if input.is_cuda and torch.is_autocast_enabled("cuda"):
-            dtype = torch.get_autocast_dtype("cuda")
-            input, hx = input.to(dtype), hx.to(dtype)
-            weights = [w.to(dtype) for w in weights]
+        device_type = input.device.type
+        if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+
+            def cast(tensor):
+                if tensor.is_floating_point() and tensor.dtype != torch.float64:
+                    return tensor.to(dtype)
+                return tensor
+
+            input, hx = cast(input), cast(hx)
+            weights = [cast(w) for w in weights]
         return input, hx, weights

@@ -311,3 +311,19 @@ def test_convert_keeps_parameter_identity_in_place():
     weight = model[0].weight_ih_l0
     rnn_ext.convert(model, inplace=True)
     assert model[0].weight_ih_l0 is weight
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_output_can_be_modified_in_place_before_backward(batch_first):
+    """As with nn.RNN: `out += residual` or Dropout(inplace=True) on the output, then backward."""
+    ours, theirs = pair(3, 4, 2, batch_first=batch_first, seed=2)
+    x = torch.randn(2, 5, 3)
+    grads = []
+    for module in (ours, theirs):
+        output, h_n = module(x)
+        assert not output._is_view()
+        output.mul_(2).add_(1)
+        (output.pow(2).sum() + h_n.sum()).backward()
+        grads.append([p.grad for p in module.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
