@@ -134,13 +134,14 @@ class RNN(nn.RNNBase):
         return False
 
     def _autocast(self, input, hx):
-        """Under autocast, CUDA or CPU, nn.RNN runs in the autocast dtype (its kernel is on
-        autocast's lower-precision list); do the same, with autocast's rule for what it casts:
-        floating tensors except float64 ones."""
+        """Under autocast nn.RNN runs in a lower precision; do the same, with autocast's rule for
+        what it casts (floating tensors except float64 ones). On the CPU that is the autocast
+        dtype. On CUDA it is float16 whatever the autocast dtype: nn.RNN there goes through
+        torch's cuDNN autocast wrapper (_cudnn_rnn_cast_reflatten), which casts to half."""
         weights = self._flat_weights
         device_type = input.device.type
         if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
+            dtype = torch.float16 if device_type == "cuda" else torch.get_autocast_dtype("cpu")
 
             def cast(tensor):
                 if tensor.is_floating_point() and tensor.dtype != torch.float64:
