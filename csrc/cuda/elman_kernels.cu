@@ -173,17 +173,16 @@ __global__ void __launch_bounds__(kMaxThreads, 1) elman_recurrence_kernel(const 
     // Selected without indexing the parameter array by a run-time value, which would copy the
     // whole argument block to local memory.
     const T* weight = static_cast<const T*>(direction == 0 ? p.weight_hh[0] : p.weight_hh[1]);
-    const int count = quads * pitch * 4;
+    // Consecutive threads walk W_hh's contiguous dimension (coalesced global reads; the scattered
+    // shared-memory writes are the cheaper side): m for A = W_hh^T, the unit for A = W_hh.
+    const int count = hidden4 * pitch;
     for (int i = tid; i < count; i += threads) {
-      const int m = (i / (4 * pitch)) * 4 + (i & 3);
-      const int column = (i >> 2) % pitch;
+      const int m = p.backward ? i / pitch : i % hidden4;
+      const int column = p.backward ? i % pitch : i / hidden4;
       const int64_t n = unit_begin + column;
-      Acc value = Acc(0);
-      if (m < hidden && column < width) {
-        value = Scalar<T>::widen(p.backward ? weight[int64_t(m) * hidden + n]
-                                            : weight[n * hidden + m]);
-      }
-      weights[i] = Scalar<T>::narrow(value);
+      T value = Scalar<T>::narrow(Acc(0));
+      if (m < hidden && column < width) value = p.backward ? weight[int64_t(m) * hidden + n] : weight[n * hidden + m];
+      weights[((m >> 2) * pitch + column) * 4 + (m & 3)] = value;
     }
   }
 

@@ -1,0 +1,371 @@
+"""The CUDA backend: agreement with the CPU op, every recurrence regime forced, half types against a
+float64 truth, a non-default stream, CUDA-graph capture and replay, packed input, and indices past
+2^31. Skipped as a whole without a GPU and a CUDA build of rnn_ext."""
+import itertools
+import zlib
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import rnn_ext
+
+HAS_CUDA_KERNELS = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "rnn_ext::elman_forward", "CUDA"
+)
+pytestmark = pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU and rnn_ext built with CUDA")
+
+REGIMES = ["auto", "single_block", "cooperative", "step_gemm"]
+elman_forward = torch.ops.rnn_ext.elman_forward
+elman_backward = torch.ops.rnn_ext.elman_backward
+
+
+def stable_seed(*parts):
+    return zlib.crc32(repr(parts).encode()) % 100_000
+
+
+@pytest.fixture(params=REGIMES)
+def regime(request, monkeypatch):
+    """Forces one recurrence regime for the test (a regime that cannot run the shape is an error).
+    The cooperative one gets at most 16 units per block, so that small layers use several blocks
+    along the hidden dimension and exchange their states through the grid."""
+    monkeypatch.setenv("RNN_EXT_CUDA_REGIME", request.param)
+    if request.param == "cooperative":
+        monkeypatch.setenv("RNN_EXT_CUDA_MAX_SLICE", "16")
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """float32 is compared with a float64 truth at 1e-5: TF32 GEMMs would not meet it."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def make_layer(seed, steps, batch, input_size, hidden, directions, bias, packed):
+    """Random float64 CPU arguments of one layer: (input, hx, weights, batch_sizes)."""
+    generator = torch.Generator().manual_seed(seed)
+    scale = hidden**-0.5
+    weights = []
+    for _ in range(directions):
+        shapes = [(hidden, input_size), (hidden, hidden)] + ([(hidden,), (hidden,)] if bias else [])
+        weights += [(torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * scale for shape in shapes]
+    hx = torch.randn(directions, batch, hidden, generator=generator, dtype=torch.float64)
+    if not packed:
+        return torch.randn(steps, batch, input_size, generator=generator, dtype=torch.float64), hx, weights, None
+    lengths = torch.randint(1, steps + 1, (batch,), generator=generator).sort(descending=True).values
+    lengths[0] = steps
+    batch_sizes = torch.tensor([int((lengths > t).sum()) for t in range(steps)], dtype=torch.int64)
+    rows = int(batch_sizes.sum())
+    return torch.randn(rows, input_size, generator=generator, dtype=torch.float64), hx, weights, batch_sizes
+
+
+def forward_backward(device, dtype, layer, relu, seed, seed_dtype=None):
+    """Output, h_n and the gradients of (input, hx, *weights) for random output gradients, as float64
+    CPU tensors. Everything is computed on `device` in `dtype` from the same float64 arguments; the
+    output gradients are rounded to `seed_dtype` first when given (for a truth of a half run)."""
+    input, hx, weights, batch_sizes = layer
+    input = input.to(device, dtype).requires_grad_(True)
+    hx = hx.to(device, dtype).requires_grad_(True)
+    weights = [w.to(device, dtype).requires_grad_(True) for w in weights]
+    output, h_n = elman_forward(input, hx, weights, batch_sizes, relu)
+    generator = torch.Generator().manual_seed(seed + 1)
+    seeds = [torch.randn(t.shape, generator=generator, dtype=torch.float64) for t in (output, h_n)]
+    if seed_dtype is not None:
+        seeds = [t.to(seed_dtype).double() for t in seeds]
+    grad_output, grad_h_n = [t.to(device, dtype) for t in seeds]
+    grads = torch.autograd.grad((output, h_n), [input, hx, *weights], (grad_output, grad_h_n))
+    return [t.detach().double().cpu() for t in (output, h_n, *grads)]
+
+
+NAMES = ["output", "h_n", "grad input", "grad hx"]
+
+
+def assert_all_close(actual, expected, rtol):
+    """Each tensor within rtol * max(1, max |expected|)."""
+    assert len(actual) == len(expected)
+    for index, (a, e) in enumerate(zip(actual, expected)):
+        name = NAMES[index] if index < len(NAMES) else f"grad weight {index - len(NAMES)}"
+        assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+        if e.numel() == 0:
+            continue
+        scale = max(1.0, e.abs().max().item())
+        error = (a - e).abs().max().item()
+        assert error <= rtol * scale, f"{name}: max error {error:.3e} > {rtol:.1e} * {scale:.3g}"
+
+
+def quantized(layer, dtype):
+    """The layer's arguments rounded to `dtype` and back, so that a float64 truth computed from
+    them measures only the kernels' rounding, not the inputs'."""
+    input, hx, weights, batch_sizes = layer
+    round_trip = lambda t: t.to(dtype).double()  # noqa: E731
+    return round_trip(input), round_trip(hx), [round_trip(w) for w in weights], batch_sizes
+
+
+LAYER_GRID = list(
+    itertools.product(
+        [1, 2],  # directions
+        [False, True],  # packed
+        [(True, False), (False, True)],  # (bias, relu)
+        [5, 40],  # hidden: not a multiple of 4; several cooperative slices
+    )
+)
+
+
+@pytest.mark.parametrize("directions,packed,bias_relu,hidden", LAYER_GRID)
+def test_float64_matches_cpu(regime, directions, packed, bias_relu, hidden):
+    bias, relu = bias_relu
+    seed = stable_seed("float64", regime, directions, packed, bias_relu, hidden)
+    layer = make_layer(seed, steps=7, batch=5, input_size=6, hidden=hidden, directions=directions, bias=bias, packed=packed)
+    expected = forward_backward("cpu", torch.float64, layer, relu, seed)
+    actual = forward_backward("cuda", torch.float64, layer, relu, seed)
+    assert_all_close(actual, expected, 1e-10)
+
+
+@pytest.mark.parametrize("directions,packed", [(1, False), (2, True)])
+@pytest.mark.parametrize("hidden", [24, 130])
+def test_float32_against_float64_truth(regime, directions, packed, hidden):
+    seed = stable_seed("float32", regime, directions, packed, hidden)
+    layer = make_layer(seed, steps=9, batch=6, input_size=7, hidden=hidden, directions=directions, bias=True, packed=packed)
+    truth = forward_backward("cpu", torch.float64, quantized(layer, torch.float32), False, seed, torch.float32)
+    actual = forward_backward("cuda", torch.float32, layer, False, seed)
+    assert_all_close(actual, truth, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("relu", [False, True])
+def test_half_types_against_float64_truth(regime, dtype, relu):
+    seed = stable_seed("half", regime, str(dtype), relu)
+    layer = make_layer(seed, steps=8, batch=4, input_size=5, hidden=40, directions=2, bias=True, packed=False)
+    truth = forward_backward("cpu", torch.float64, quantized(layer, dtype), relu, seed, dtype)
+    actual = forward_backward("cuda", dtype, layer, relu, seed)
+    # Outputs and gradients are stored in the half type (2^-11 or 2^-8 relative) and the recurrence
+    # carries the rounding on, so ~1e-2 relative; bfloat16's 8-bit mantissa needs a little more.
+    assert_all_close(actual, truth, 1e-2 if dtype == torch.float16 else 3e-2)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 300])
+def test_batch_tiles_and_groups(regime, batch):
+    """Batch sizes around the register tiles (1, 2, 4, 8 rows) and far past one block's rows."""
+    seed = stable_seed("batch", regime, batch)
+    layer = make_layer(seed, steps=4, batch=batch, input_size=3, hidden=20, directions=2, bias=True, packed=True)
+    expected = forward_backward("cpu", torch.float64, layer, False, seed)
+    actual = forward_backward("cuda", torch.float64, layer, False, seed)
+    assert_all_close(actual, expected, 1e-10)
+
+
+@pytest.mark.parametrize("hidden", [256, 600, 1100])
+@pytest.mark.parametrize("requested", REGIMES)
+def test_large_hidden(monkeypatch, hidden, requested):
+    """Sizes where W_hh leaves one block (and at 1100 float32, possibly the chip): auto must pick a
+    regime that runs; a forced regime either runs correctly or refuses with a clear error."""
+    monkeypatch.setenv("RNN_EXT_CUDA_REGIME", requested)
+    seed = stable_seed("large", hidden, requested)
+    layer = make_layer(seed, steps=4, batch=3, input_size=8, hidden=hidden, directions=1, bias=True, packed=False)
+    truth = forward_backward("cpu", torch.float64, quantized(layer, torch.float32), False, seed, torch.float32)
+    if requested == "single_block" and hidden > 512:
+        with pytest.raises(RuntimeError, match="RNN_EXT_CUDA_REGIME=single_block cannot run"):
+            forward_backward("cuda", torch.float32, layer, False, seed)
+        return
+    try:
+        actual = forward_backward("cuda", torch.float32, layer, False, seed)
+    except RuntimeError as error:
+        # Only a forced persistent regime may refuse, and only by saying so.
+        assert requested in ("single_block", "cooperative"), error
+        assert f"RNN_EXT_CUDA_REGIME={requested} cannot run" in str(error)
+        return
+    assert_all_close(actual, truth, 2e-5)
+
+
+def test_matches_nn_rnn_on_cuda_packed_module():
+    """rnn_ext.RNN on CUDA against nn.RNN on the CPU (float64), multi-layer, bidirectional, packed
+    with unsorted lengths."""
+    torch.manual_seed(stable_seed("module"))
+    theirs = nn.RNN(5, 12, num_layers=2, bidirectional=True, dtype=torch.float64)
+    ours = rnn_ext.RNN(5, 12, num_layers=2, bidirectional=True, dtype=torch.float64)
+    ours.load_state_dict(theirs.state_dict())
+    ours = ours.cuda()
+    padded = torch.randn(9, 4, 5, dtype=torch.float64)
+    lengths = torch.tensor([3, 9, 1, 6])
+    results = []
+    for module, device in ((theirs, "cpu"), (ours, "cuda")):
+        x = padded.detach().to(device).clone().requires_grad_(True)
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        output, h_n = module(packed)
+        output, _ = pad_packed_sequence(output)
+        (output.square().sum() + h_n.sum()).backward()
+        results.append([output.detach().cpu(), h_n.detach().cpu(), x.grad.cpu()] + [p.grad.cpu() for p in module.parameters()])
+    for a, b in zip(results[1], results[0]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_cpu_and_cuda_module_agree_float32(packed):
+    torch.manual_seed(stable_seed("module32", packed))
+    cpu = rnn_ext.RNN(4, 33, num_layers=2, nonlinearity="relu", batch_first=True)
+    gpu = rnn_ext.RNN(4, 33, num_layers=2, nonlinearity="relu", batch_first=True).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.randn(3, 6, 4)
+    outputs = []
+    for module, device in ((cpu, "cpu"), (gpu, "cuda")):
+        inputs = x.to(device)
+        if packed:
+            inputs = pack_padded_sequence(inputs, torch.tensor([6, 2, 4]), batch_first=True, enforce_sorted=False)
+        output, h_n = module(inputs)
+        if packed:
+            output = pad_packed_sequence(output, batch_first=True)[0]
+        outputs.append((output.detach().cpu(), h_n.detach().cpu()))
+    for a, b in zip(outputs[0], outputs[1]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_non_default_stream(regime):
+    """The op runs on the caller's current stream: inputs made on a side stream are read after they
+    are written there, and the results match the default stream's."""
+    seed = stable_seed("stream", regime)
+    layer = make_layer(seed, steps=6, batch=4, input_size=3, hidden=24, directions=2, bias=True, packed=False)
+    expected = forward_backward("cuda", torch.float32, layer, True, seed)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        actual = forward_backward("cuda", torch.float32, layer, True, seed)
+    side.synchronize()
+    assert_all_close(actual, expected, 1e-6)
+
+
+def _graph_case(seed):
+    layer = make_layer(seed, steps=6, batch=4, input_size=3, hidden=24, directions=2, bias=True, packed=False)
+    input, hx, weights, _ = layer
+    return (
+        input.float().cuda(),
+        hx.float().cuda(),
+        [w.float().cuda().requires_grad_(True) for w in weights],
+    )
+
+
+def test_cuda_graph_forward(regime):
+    input, hx, weights = _graph_case(stable_seed("graph-forward", regime))
+    static_input, static_hx = input.clone(), hx.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(2):  # warm-up outside the capture (cuBLAS handles, kernel attributes)
+            elman_forward(static_input, static_hx, weights, None, False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_output, static_h_n = elman_forward(static_input, static_hx, weights, None, False)
+    for trial in range(3):
+        new_input = torch.randn_like(input)
+        new_hx = torch.randn_like(hx)
+        static_input.copy_(new_input)
+        static_hx.copy_(new_hx)
+        graph.replay()
+        with torch.no_grad():
+            output, h_n = elman_forward(new_input, new_hx, weights, None, False)
+        torch.testing.assert_close(static_output, output, rtol=0, atol=1e-6, msg=f"replay {trial}")
+        torch.testing.assert_close(static_h_n, h_n, rtol=0, atol=1e-6, msg=f"replay {trial}")
+
+
+def test_cuda_graph_forward_backward(regime):
+    input, hx, weights = _graph_case(stable_seed("graph-backward", regime))
+    static_input = input.clone().requires_grad_(True)
+    static_hx = hx.clone().requires_grad_(True)
+    static_grad_output = torch.randn(6, 4, 48, device="cuda")
+    static_grad_h_n = torch.randn_like(hx)
+    leaves = [static_input, static_hx, *weights]
+
+    def step():
+        output, h_n = elman_forward(static_input, static_hx, weights, None, False)
+        grads = torch.autograd.grad((output, h_n), leaves, (static_grad_output, static_grad_h_n))
+        return (output.detach(), h_n.detach(), *grads)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for trial in range(3):
+        with torch.no_grad():
+            static_input.copy_(torch.randn_like(input))
+            static_hx.copy_(torch.randn_like(hx))
+            static_grad_output.copy_(torch.randn_like(static_grad_output))
+            static_grad_h_n.copy_(torch.randn_like(static_grad_h_n))
+        graph.replay()
+        eager = step()
+        for index, (a, b) in enumerate(zip(captured, eager)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=f"replay {trial}, result {index}")
+
+
+def test_packed_input_refused_under_graph_capture():
+    """Packed batch sizes reach the device through a pinned staging buffer that a replay could not
+    trust; capture says so instead of recording it."""
+    layer = make_layer(stable_seed("graph-packed"), steps=4, batch=3, input_size=2, hidden=8, directions=1, bias=False, packed=True)
+    input, hx, weights, batch_sizes = layer
+    input, hx, weights = input.float().cuda(), hx.float().cuda(), [w.float().cuda() for w in weights]
+    with torch.no_grad():
+        elman_forward(input, hx, weights, batch_sizes, False)  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(graph), torch.no_grad():
+            elman_forward(input, hx, weights, batch_sizes, False)
+
+
+def test_errors_name_the_argument(monkeypatch):
+    input = torch.randn(3, 2, 4, device="cuda", dtype=torch.float32)
+    hx = torch.zeros(1, 2, 5, device="cuda")
+    weights = [torch.randn(5, 4, device="cuda"), torch.randn(5, 5, device="cuda")]
+    with pytest.raises(RuntimeError, match="weight_hh"):
+        elman_forward(input, hx, [weights[0], torch.randn(5, 4, device="cuda")], None, False)
+    with pytest.raises(RuntimeError, match="hx"):
+        elman_forward(input, hx.double(), weights, None, False)
+    monkeypatch.setenv("RNN_EXT_CUDA_REGIME", "fastest")
+    with pytest.raises(RuntimeError, match="RNN_EXT_CUDA_REGIME must be"):
+        elman_forward(input, hx, weights, None, False)
+
+
+def test_empty_shapes():
+    weights = [torch.randn(4, 3, device="cuda"), torch.randn(4, 4, device="cuda")]
+    input = torch.randn(5, 0, 3, device="cuda", requires_grad=True)
+    hx = torch.zeros(1, 0, 4, device="cuda", requires_grad=True)
+    output, h_n = elman_forward(input, hx, weights, None, False)
+    assert output.shape == (5, 0, 4) and h_n.shape == (1, 0, 4)
+    grad_input, grad_hx, grad_weights = elman_backward(
+        torch.zeros_like(output), torch.zeros_like(h_n), input, hx, weights, output, None, False, [True, True, True]
+    )
+    assert grad_input.shape == input.shape and grad_hx.shape == hx.shape
+    assert all(g.shape == w.shape and not g.any() for g, w in zip(grad_weights, weights))
+
+
+def test_indices_past_2_pow_31():
+    """A float16 output of more than 2^31 elements: the last steps of the long run must equal a short
+    run started from the state the long one had just before them (32-bit row offsets would wrap)."""
+    steps, batch, hidden = 2**14 + 3, 512, 256
+    needed = steps * batch * hidden * 2 * 3  # output, its input projection, and slack
+    free, _ = torch.cuda.mem_get_info()
+    if free < needed:
+        pytest.skip(f"needs {needed / 2**30:.1f} GiB of free GPU memory")
+    assert steps * batch * hidden > 2**31
+    generator = torch.Generator(device="cuda").manual_seed(7)
+    weights = [
+        (torch.rand(hidden, 1, device="cuda", generator=generator) - 0.5).half(),
+        ((torch.rand(hidden, hidden, device="cuda", generator=generator) - 0.5) * 2 * hidden**-0.5).half(),
+    ]
+    input = torch.randn(steps, batch, 1, device="cuda", generator=generator).half()
+    hx = torch.zeros(1, batch, hidden, device="cuda").half()
+    with torch.no_grad():
+        output, h_n = elman_forward(input, hx, weights, None, False)
+        tail = 3
+        start = output[steps - tail - 1].unsqueeze(0).contiguous()
+        tail_output, tail_h_n = elman_forward(input[steps - tail:].contiguous(), start, weights, None, False)
+    # The long run carries its state in float32 while the short one restarts from the float16 output,
+    # so they agree to float16 rounding, not bit for bit.
+    torch.testing.assert_close(output[steps - tail:], tail_output, rtol=0, atol=5e-3)
+    torch.testing.assert_close(h_n, tail_h_n, rtol=0, atol=5e-3)
