@@ -79,9 +79,10 @@ template <typename T>
 RNN_EXT_INLINE void row_matmul_body(int64_t rows, const T* const* a_rows,
                                     const PackedMatrix<T>& b, T* const* c_rows, bool accumulate,
                                     int64_t column_begin, int64_t column_end) {
-  // Cache blocking: a chunk of rows x a depth slice of A (60 x 256 floats) stays in L2, and the
-  // B strip of one column block over that depth slice (256 x 16 floats) in L1 while the
-  // chunk's rows stream past it. Depth slices after the first accumulate into C.
+  // Cache blocking, outermost first: a depth slice (256), then a chunk of rows whose A block
+  // (60 x 256) stays in L2, then one column block whose B strip (256 x 16) stays in L1 while the
+  // chunk's rows stream past it. Depth slices after the first accumulate into C, so a long
+  // reduction (the weight gradients reduce over all T*B rows) never streams A or B more than once.
   constexpr int64_t kRowChunk = 60;
   constexpr int64_t kDepthChunk = 256;
   // 6 rows x 2 vectors = 12 accumulators: enough independent FMAs in flight to cover the FMA
@@ -90,18 +91,17 @@ RNN_EXT_INLINE void row_matmul_body(int64_t rows, const T* const* a_rows,
   constexpr int64_t block = column_block<T>();
   const T* bdata = b.data.data();
   const int64_t ldb = b.padded_width;
-  for (int64_t chunk = 0; chunk < rows; chunk += kRowChunk) {
-    const int64_t chunk_end = std::min(rows, chunk + kRowChunk);
-    for (int64_t column = column_begin; column < column_end; column += block) {
-      for (int64_t k0 = 0; k0 < std::max<int64_t>(b.depth, 1); k0 += kDepthChunk) {
-        const int64_t k1 = std::min(b.depth, k0 + kDepthChunk);
-        const bool add = accumulate || k0 > 0;
+  for (int64_t k0 = 0; k0 < std::max<int64_t>(b.depth, 1); k0 += kDepthChunk) {
+    const int64_t k1 = std::min(b.depth, k0 + kDepthChunk);
+    const bool add = accumulate || k0 > 0;
+    for (int64_t chunk = 0; chunk < rows; chunk += kRowChunk) {
+      const int64_t chunk_end = std::min(rows, chunk + kRowChunk);
+      for (int64_t column = column_begin; column < column_end; column += block) {
         int64_t r = chunk;
         for (; r + kRowBlock <= chunk_end; r += kRowBlock)
           block_kernel<T, kRowBlock>(a_rows + r, bdata, k0, k1, ldb, c_rows + r, column, b.width,
                                      add);
-        const int64_t left = chunk_end - r;
-        if (left >= 4) {
+        if (chunk_end - r >= 4) {
           block_kernel<T, 4>(a_rows + r, bdata, k0, k1, ldb, c_rows + r, column, b.width, add);
           r += 4;
         }
