@@ -316,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elman_backward_cpu(
     return {gi.to(type), gh.to(type), gw};
   }
 
-  const int64_t H = s.hidden_size, width = s.output_width();
+  const int64_t width = s.output_width();
   at::Tensor grad_pre = at::empty({s.rows, width}, input.options());
   at::Tensor previous_states = at::empty({s.rows, width}, input.options());
   at::Tensor grad_hx = at::zeros_like(hx, at::MemoryFormat::Contiguous);
