@@ -32,11 +32,11 @@ RNN_EXT_INLINE void store(T* p, vec_t<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// ROWS rows times one column block of B over depth [k_begin, k_end): 2 * ROWS vector
+// ROWS rows times one column panel of B over depth [k_begin, k_end): 2 * ROWS vector
 // accumulators stay in registers; the result is added to C or replaces it.
 template <typename T, int ROWS>
-RNN_EXT_INLINE void block_kernel(const T* const* a, const T* b, int64_t k_begin, int64_t k_end,
-                                 int64_t ldb, T* const* c, int64_t column, int64_t width,
+RNN_EXT_INLINE void block_kernel(const T* const* a, const T* panel, int64_t k_begin,
+                                 int64_t k_end, T* const* c, int64_t column, int64_t width,
                                  bool accumulate) {
   constexpr int64_t lanes = Vector<T>::lanes;
   vec_t<T> acc0[ROWS], acc1[ROWS];
@@ -44,8 +44,8 @@ RNN_EXT_INLINE void block_kernel(const T* const* a, const T* b, int64_t k_begin,
     acc0[r] = vec_t<T>{};
     acc1[r] = vec_t<T>{};
   }
-  const T* bk = b + k_begin * ldb + column;
-  for (int64_t k = k_begin; k < k_end; ++k, bk += ldb) {
+  const T* bk = panel + k_begin * 2 * lanes;
+  for (int64_t k = k_begin; k < k_end; ++k, bk += 2 * lanes) {
     const vec_t<T> b0 = load(bk);
     const vec_t<T> b1 = load(bk + lanes);
     for (int r = 0; r < ROWS; ++r) {
@@ -80,8 +80,8 @@ RNN_EXT_INLINE void row_matmul_body(int64_t rows, const T* const* a_rows,
                                     const PackedMatrix<T>& b, T* const* c_rows, bool accumulate,
                                     int64_t column_begin, int64_t column_end) {
   // Cache blocking, outermost first: a depth slice (256), then a chunk of rows whose A block
-  // (60 x 256) stays in L2, then one column block whose B strip (256 x 16) stays in L1 while the
-  // chunk's rows stream past it. Depth slices after the first accumulate into C, so a long
+  // (60 x 256) stays in L2, then one column panel whose depth slice (256 x 16, contiguous) stays
+  // in L1 while the chunk's rows stream past it. Depth slices after the first accumulate into C, so a long
   // reduction (the weight gradients reduce over all T*B rows) never streams A or B more than once.
   constexpr int64_t kRowChunk = 60;
   constexpr int64_t kDepthChunk = 256;
@@ -89,28 +89,27 @@ RNN_EXT_INLINE void row_matmul_body(int64_t rows, const T* const* a_rows,
   // latency on two pipes, and with the 2 B vectors and a broadcast still within 16 registers.
   constexpr int64_t kRowBlock = 6;
   constexpr int64_t block = column_block<T>();
-  const T* bdata = b.data.data();
-  const int64_t ldb = b.padded_width;
   for (int64_t k0 = 0; k0 < std::max<int64_t>(b.depth, 1); k0 += kDepthChunk) {
     const int64_t k1 = std::min(b.depth, k0 + kDepthChunk);
     const bool add = accumulate || k0 > 0;
     for (int64_t chunk = 0; chunk < rows; chunk += kRowChunk) {
       const int64_t chunk_end = std::min(rows, chunk + kRowChunk);
       for (int64_t column = column_begin; column < column_end; column += block) {
+        const T* panel = b.data.data() + column * b.depth;
         int64_t r = chunk;
         for (; r + kRowBlock <= chunk_end; r += kRowBlock)
-          block_kernel<T, kRowBlock>(a_rows + r, bdata, k0, k1, ldb, c_rows + r, column, b.width,
+          block_kernel<T, kRowBlock>(a_rows + r, panel, k0, k1, c_rows + r, column, b.width,
                                      add);
         if (chunk_end - r >= 4) {
-          block_kernel<T, 4>(a_rows + r, bdata, k0, k1, ldb, c_rows + r, column, b.width, add);
+          block_kernel<T, 4>(a_rows + r, panel, k0, k1, c_rows + r, column, b.width, add);
           r += 4;
         }
         if (chunk_end - r == 3) {
-          block_kernel<T, 3>(a_rows + r, bdata, k0, k1, ldb, c_rows + r, column, b.width, add);
+          block_kernel<T, 3>(a_rows + r, panel, k0, k1, c_rows + r, column, b.width, add);
         } else if (chunk_end - r == 2) {
-          block_kernel<T, 2>(a_rows + r, bdata, k0, k1, ldb, c_rows + r, column, b.width, add);
+          block_kernel<T, 2>(a_rows + r, panel, k0, k1, c_rows + r, column, b.width, add);
         } else if (chunk_end - r == 1) {
-          block_kernel<T, 1>(a_rows + r, bdata, k0, k1, ldb, c_rows + r, column, b.width, add);
+          block_kernel<T, 1>(a_rows + r, panel, k0, k1, c_rows + r, column, b.width, add);
         }
       }
     }

@@ -11,8 +11,11 @@
 namespace rnn_ext {
 namespace cpu {
 
-// A right-hand matrix B [depth, width] stored row-major with its width padded with zeros to a
-// multiple of the kernel's column block, so every block is full and loads are unconditional.
+// A right-hand matrix B [depth, width] stored as column panels: panel p holds columns
+// [p * block, (p + 1) * block) for every k, contiguously (element (k, j) at
+// data[(j / block * depth + k) * block + j % block]), zero-padded past `width`. A kernel then reads
+// one panel as a single contiguous stream; row-major B with a large power-of-two width would put
+// the lines of one column strip into a few L1 sets and evict itself.
 template <typename T>
 struct PackedMatrix {
   std::vector<T> data;
@@ -36,9 +39,12 @@ void pack_matrix(PackedMatrix<T>& packed, const T* source, int64_t depth, int64_
   packed.width = width;
   packed.padded_width = (width + block - 1) / block * block;
   packed.data.assign(static_cast<size_t>(depth * packed.padded_width), T(0));
-  for (int64_t k = 0; k < depth; ++k) {
-    T* row = packed.data.data() + k * packed.padded_width;
-    for (int64_t j = 0; j < width; ++j) row[j] = source[k * k_stride + j * j_stride];
+  for (int64_t j0 = 0; j0 < width; j0 += block) {
+    T* panel = packed.data.data() + j0 * depth;
+    const int64_t columns = std::min(block, width - j0);
+    for (int64_t k = 0; k < depth; ++k)
+      for (int64_t jj = 0; jj < columns; ++jj)
+        panel[k * block + jj] = source[k * k_stride + (j0 + jj) * j_stride];
   }
 }
 
