@@ -62,18 +62,21 @@ ELMAN_HOST_DEVICE bool writes_final_state(const int64_t* batch_sizes, int64_t st
   return step == steps - 1 || row >= batch_sizes[step + 1];
 }
 
+// Written so that NaN stays NaN, as torch.relu and torch.tanh keep it.
 template <typename T>
 ELMAN_HOST_DEVICE T activate(T pre_activation, Activation activation) {
-  if (activation == Activation::Relu) return pre_activation > T(0) ? pre_activation : T(0);
+  if (activation == Activation::Relu) return pre_activation < T(0) ? T(0) : pre_activation;
   using std::tanh;  // float stays float on the host; nvcc maps it to the device intrinsic
   return tanh(pre_activation);
 }
 
-// d act / d pre-activation, written in terms of the activation's output y (all backward keeps).
+// dL/d pre-activation from dL/dh and the activation's output y (all backward keeps). relu selects
+// rather than multiplies, as torch's threshold_backward does: an infinite gradient through a zero
+// unit gives 0 (not NaN), and a NaN output passes the gradient on.
 template <typename T>
-ELMAN_HOST_DEVICE T activation_grad_from_output(T y, Activation activation) {
-  if (activation == Activation::Relu) return y > T(0) ? T(1) : T(0);
-  return T(1) - y * y;
+ELMAN_HOST_DEVICE T activation_backward(T grad, T y, Activation activation) {
+  if (activation == Activation::Relu) return y <= T(0) ? T(0) : grad;
+  return grad * (T(1) - y * y);
 }
 
 }  // namespace rnn_ext

@@ -3,6 +3,9 @@
 
 #include <c10/util/irange.h>
 
+#include <exception>
+#include <limits>
+
 namespace rnn_ext {
 
 LayerArgs read_layer_args(const char* op_name, const at::Tensor& input, const at::Tensor& hx,
@@ -11,6 +14,7 @@ LayerArgs read_layer_args(const char* op_name, const at::Tensor& input, const at
   LayerArgs args;
   ElmanShape& s = args.shape;
   const bool packed = batch_sizes.has_value() && batch_sizes->defined();
+  at::Tensor sizes_c;  // batch_sizes, contiguous, when packed
   s.packed = packed;
   s.activation = relu ? Activation::Relu : Activation::Tanh;
 
@@ -35,11 +39,8 @@ LayerArgs read_layer_args(const char* op_name, const at::Tensor& input, const at
                 op_name, ": batch_sizes must be a 1-D int64 CPU tensor, got ", sizes.scalar_type(),
                 " ", sizes.sizes(), " on ", sizes.device());
     TORCH_CHECK(sizes.numel() > 0, op_name, ": batch_sizes must not be empty");
-    const at::Tensor sizes_c = sizes.contiguous();
-    const int64_t* data = sizes_c.data_ptr<int64_t>();
-    args.batch_sizes.assign(data, data + sizes_c.numel());
+    sizes_c = sizes.contiguous();
     s.steps = sizes_c.numel();
-    s.batch = args.batch_sizes[0];
     s.input_size = input.size(1);
   } else {
     TORCH_CHECK(input.dim() == 3, op_name, ": input must be [steps, batch, input_size], got ",
@@ -47,11 +48,22 @@ LayerArgs read_layer_args(const char* op_name, const at::Tensor& input, const at
     s.steps = input.size(0);
     s.batch = input.size(1);
     s.input_size = input.size(2);
-    args.batch_sizes.assign(s.steps, s.batch);
   }
   TORCH_CHECK(s.steps > 0, op_name, ": the sequence must have at least one step");
-
-  args.step_offsets.resize(s.steps + 1);
+  try {
+    if (packed) {
+      const int64_t* data = sizes_c.data_ptr<int64_t>();
+      args.batch_sizes.assign(data, data + s.steps);
+      s.batch = args.batch_sizes[0];
+    } else {
+      args.batch_sizes.assign(s.steps, s.batch);
+    }
+    args.step_offsets.resize(s.steps + 1);
+  } catch (const std::exception&) {  // std::bad_alloc, or std::length_error past max_size
+    // An expanded input can claim far more steps than memory holds; say so as torch would.
+    TORCH_CHECK(false, op_name, ": cannot allocate the per-step bookkeeping for ", s.steps,
+                " steps (out of memory)");
+  }
   int64_t total = 0;
   for (const auto t : c10::irange(s.steps)) {
     const int64_t size = args.batch_sizes[t];
@@ -59,6 +71,8 @@ LayerArgs read_layer_args(const char* op_name, const at::Tensor& input, const at
                 op_name, ": batch_sizes must be non-increasing and non-negative, got ",
                 c10::IntArrayRef(args.batch_sizes));
     TORCH_CHECK(!packed || size > 0, op_name, ": batch_sizes must be positive when packed");
+    TORCH_CHECK(total <= std::numeric_limits<int64_t>::max() - size, op_name,
+                ": batch_sizes sum past the int64 range");
     args.step_offsets[t] = total;
     total += size;
   }

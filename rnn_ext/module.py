@@ -139,6 +139,9 @@ class RNN(nn.RNNBase):
         dtype. On CUDA it is float16 whatever the autocast dtype: nn.RNN there goes through
         torch's cuDNN autocast wrapper (_cudnn_rnn_cast_reflatten), which casts to half."""
         weights = self._flat_weights
+        for index, weight in enumerate(weights):
+            if weight is None:  # a weight set to None: nn.RNN's kernel binding raises this
+                raise TypeError(f"expected Tensor as element {index} in argument 2, but got NoneType")
         device_type = input.device.type
         if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
             dtype = torch.float16 if device_type == "cuda" else torch.get_autocast_dtype("cpu")

@@ -16,8 +16,13 @@ elman_forward = torch.ops.rnn_ext.elman_forward.default
 elman_backward = torch.ops.rnn_ext.elman_backward.default
 
 
-def _check_devices(input, hx, weights):
+def _check_devices(input, hx, weights, batch_sizes=None, others=()):
     # The C++ kernels make the same checks; a mix with meta tensors dispatches here instead.
+    if batch_sizes is not None and batch_sizes.device.type != "cpu":
+        raise RuntimeError(f"rnn_ext: batch_sizes must be a CPU tensor, got one on {batch_sizes.device}")
+    for name, tensor in others:
+        if tensor.device != input.device:
+            raise RuntimeError(f"rnn_ext: {name} is on {tensor.device} but input is on {input.device}")
     if hx.device != input.device:
         raise RuntimeError(
             "Input and hidden tensors are not at the same device, found input tensor at "
@@ -33,7 +38,7 @@ def _check_devices(input, hx, weights):
 
 @torch.library.register_fake("rnn_ext::elman_forward")
 def _elman_forward_fake(input, hx, weights, batch_sizes, relu):
-    _check_devices(input, hx, weights)
+    _check_devices(input, hx, weights, batch_sizes)
     width = hx.shape[0] * hx.shape[2]
     output = input.new_empty((*input.shape[:-1], width))
     return output, hx.new_empty(hx.shape)
@@ -41,6 +46,8 @@ def _elman_forward_fake(input, hx, weights, batch_sizes, relu):
 
 @torch.library.register_fake("rnn_ext::elman_backward")
 def _elman_backward_fake(grad_output, grad_h_n, input, hx, weights, output, batch_sizes, relu, output_mask):
+    _check_devices(input, hx, weights, batch_sizes,
+                   [("grad_output", grad_output), ("grad_h_n", grad_h_n), ("output", output)])
     grad_input = input.new_empty(input.shape) if output_mask[0] else input.new_empty((0,))
     grad_hx = hx.new_empty(hx.shape) if output_mask[1] else hx.new_empty((0,))
     grad_weights = [w.new_empty(w.shape) for w in weights] if output_mask[2] else []

@@ -72,7 +72,7 @@ void apply_activation(T* values, int64_t count, Activation activation) {
   if (activation == Activation::Tanh) {
     cpu::tanh_inplace(values, count);
   } else {
-    for (int64_t i = 0; i < count; ++i) values[i] = values[i] > T(0) ? values[i] : T(0);
+    for (int64_t i = 0; i < count; ++i) values[i] = activate(values[i], Activation::Relu);
   }
 }
 
@@ -184,7 +184,7 @@ void backward_direction(const LayerArgs& args, int64_t direction, const T* grad_
       const T* g = grad_output + index;
       T* dp = grad_pre + index;
       for (const auto j : c10::irange(H))
-        dp[j] = (dh[j] + g[j]) * activation_grad_from_output(y[j], s.activation);
+        dp[j] = activation_backward(dh[j] + g[j], y[j], s.activation);
       grad_rows[b] = dp;
       const bool initial = reads_initial_state(batch_sizes, T_, t, b, reverse);
       const T* h_prev = initial ? h0 + b * H

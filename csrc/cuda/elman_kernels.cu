@@ -213,8 +213,9 @@ __global__ void __launch_bounds__(kMaxThreads, 1) elman_recurrence_kernel(const 
       // so its dL/dh is grad_h_n alone.
       if (row >= first_active) continue;
       const int64_t index = output_index(layout.row(first_step, row), direction, n, p.hidden, directions);
-      const Acc grad_pre = (Scalar<T>::widen(initial[at]) + Scalar<T>::widen(grad_output[index])) *
-                           activation_grad_from_output(Scalar<T>::widen(output[index]), activation);
+      const Acc grad_pre = activation_backward(
+          Scalar<T>::widen(initial[at]) + Scalar<T>::widen(grad_output[index]),
+          Scalar<T>::widen(output[index]), activation);
       sequence[index] = Scalar<T>::narrow(grad_pre);
       if (args.cooperative) {
         exchange[at] = grad_pre;
@@ -357,7 +358,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) elman_recurrence_kernel(const 
         if (row < next_active) {
           // A row joining at the next step ends its sequence there: its dL/dh is grad_h_n.
           const Acc grad_h = layout.is_last(next_step, row, reverse) ? Scalar<T>::widen(initial[at]) : u;
-          const Acc grad_pre = (grad_h + first[slot]) * activation_grad_from_output(second[slot], activation);
+          const Acc grad_pre = activation_backward(grad_h + first[slot], second[slot], activation);
           sequence[output_index(layout.row(next_step, row), direction, n, p.hidden, directions)] =
               Scalar<T>::narrow(grad_pre);
           if (args.cooperative) {
@@ -406,8 +407,8 @@ __global__ void __launch_bounds__(kPointwiseThreads) step_gradient_kernel(const 
     const int64_t b = i / s.hidden;
     const int64_t index = output_index(s.row_offset + b, s.direction, i % s.hidden, s.hidden, s.directions);
     const Acc grad_h = Scalar<T>::widen(b >= s.first_final_row ? grad_final[i] : carry[i]);
-    const Acc value = (grad_h + Scalar<T>::widen(grad_output[index])) *
-                      activation_grad_from_output(Scalar<T>::widen(output[index]), s.activation);
+    const Acc value = activation_backward(grad_h + Scalar<T>::widen(grad_output[index]),
+                                          Scalar<T>::widen(output[index]), s.activation);
     grad_pre[index] = Scalar<T>::narrow(value);
   }
 }
