@@ -327,3 +327,33 @@ def test_output_can_be_modified_in_place_before_backward(batch_first):
         grads.append([p.grad for p in module.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_norm_on_a_recurrent_weight():
+    """torch.nn.utils.weight_norm replaces the Parameter by a computed tensor before each call;
+    the module must pick it up (and give its parameters gradients) as nn.RNN does."""
+    ours, theirs = pair(3, 4, 2, seed=5)
+    ours = torch.nn.utils.weight_norm(ours, name="weight_hh_l0")
+    theirs = torch.nn.utils.weight_norm(theirs, name="weight_hh_l0")
+    x = torch.randn(5, 2, 3)
+    results = []
+    for module in (ours, theirs):
+        output, h_n = module(x)
+        (output.sum() + h_n.sum()).backward()
+        results.append((output, module.weight_hh_l0_g.grad, module.weight_hh_l0_v.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types_on_cpu(dtype):
+    """Half types run in float32 inside the CPU kernel and come back in their own type."""
+    ours, theirs = pair(3, 8, 2, seed=6)
+    ours = ours.to(dtype)
+    x = torch.randn(6, 2, 3)
+    output, h_n = ours(x.to(dtype))
+    assert output.dtype == h_n.dtype == dtype
+    truth_module = theirs.to(dtype).double()  # the same rounded weights, in float64
+    expected, expected_h = truth_module(x.to(dtype).double())
+    torch.testing.assert_close(output.double(), expected, rtol=0, atol=2e-2)
+    torch.testing.assert_close(h_n.double(), expected_h, rtol=0, atol=2e-2)
