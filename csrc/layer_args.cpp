@@ -124,6 +124,29 @@ LayerArgs read_layer_args(const char* op_name, const at::Tensor& input, const at
   return args;
 }
 
+LayerArgs read_backward_args(const char* op_name, const at::Tensor& grad_output,
+                             const at::Tensor& grad_h_n, const at::Tensor& input,
+                             const at::Tensor& hx, at::TensorList weights,
+                             const at::Tensor& output,
+                             const c10::optional<at::Tensor>& batch_sizes, bool relu) {
+  LayerArgs args = read_layer_args(op_name, input, hx, weights, batch_sizes, relu);
+  const auto expected_output = output_sizes(args);
+  TORCH_CHECK(output.sizes() == c10::IntArrayRef(expected_output), op_name,
+              ": output must have shape ", c10::IntArrayRef(expected_output), ", got ",
+              output.sizes());
+  TORCH_CHECK(grad_output.sizes() == output.sizes(), op_name, ": grad_output must have shape ",
+              output.sizes(), ", got ", grad_output.sizes());
+  TORCH_CHECK(grad_h_n.sizes() == hx.sizes(), op_name, ": grad_h_n must have shape ", hx.sizes(),
+              ", got ", grad_h_n.sizes());
+  for (const at::Tensor* t : {&grad_output, &grad_h_n, &output}) {
+    TORCH_CHECK(t->scalar_type() == input.scalar_type() && t->device() == input.device(), op_name,
+                ": grad_output, grad_h_n and output must match the input's dtype and device (",
+                input.scalar_type(), " on ", input.device(), "), got ", t->scalar_type(), " on ",
+                t->device());
+  }
+  return args;
+}
+
 std::vector<int64_t> output_sizes(const LayerArgs& args) {
   const ElmanShape& s = args.shape;
   if (s.packed) return {s.rows, s.output_width()};

@@ -294,19 +294,9 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elman_backward_cpu(
     const at::Tensor& hx, at::TensorList weights, const at::Tensor& output,
     const c10::optional<at::Tensor>& batch_sizes, bool relu, std::array<bool, 3> output_mask) {
   const char* op_name = "rnn_ext::elman_backward";
-  const LayerArgs args = read_layer_args(op_name, input, hx, weights, batch_sizes, relu);
+  const LayerArgs args = read_backward_args(op_name, grad_output, grad_h_n, input, hx, weights,
+                                            output, batch_sizes, relu);
   const ElmanShape& s = args.shape;
-  const auto expected_output = output_sizes(args);
-  TORCH_CHECK(output.sizes() == c10::IntArrayRef(expected_output), op_name, ": output must have shape ",
-              c10::IntArrayRef(expected_output), ", got ", output.sizes());
-  TORCH_CHECK(grad_output.sizes() == output.sizes(), op_name, ": grad_output must have shape ",
-              output.sizes(), ", got ", grad_output.sizes());
-  TORCH_CHECK(grad_h_n.sizes() == hx.sizes(), op_name, ": grad_h_n must have shape ", hx.sizes(),
-              ", got ", grad_h_n.sizes());
-  for (const at::Tensor* t : {&grad_output, &grad_h_n, &output}) {
-    TORCH_CHECK(t->scalar_type() == input.scalar_type() && t->device() == input.device(), op_name,
-                ": gradients and output must match the input's dtype and device");
-  }
   if (computes_in_float(input)) {
     auto [gi, gh, gw] = elman_backward_cpu(
         grad_output.to(at::kFloat), grad_h_n.to(at::kFloat), input.to(at::kFloat),

@@ -292,23 +292,11 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elman_backward_cuda(
     const at::Tensor& hx, at::TensorList weights, const at::Tensor& output,
     const c10::optional<at::Tensor>& batch_sizes, bool relu, std::array<bool, 3> output_mask) {
   const char* op_name = "rnn_ext::elman_backward";
-  const LayerArgs args = read_layer_args(op_name, input, hx, weights, batch_sizes, relu);
+  const LayerArgs args = read_backward_args(op_name, grad_output, grad_h_n, input, hx, weights,
+                                            output, batch_sizes, relu);
   TORCH_CHECK(input.is_cuda(), op_name, ": input must be a CUDA tensor here, got one on ", input.device());
   const gpu::ScalarType type = kernel_scalar_type(input, op_name);
   const ElmanShape& s = args.shape;
-  const auto expected_output = output_sizes(args);
-  TORCH_CHECK(output.sizes() == c10::IntArrayRef(expected_output), op_name, ": output must have shape ",
-              c10::IntArrayRef(expected_output), ", got ", output.sizes());
-  TORCH_CHECK(grad_output.sizes() == output.sizes(), op_name, ": grad_output must have shape ",
-              output.sizes(), ", got ", grad_output.sizes());
-  TORCH_CHECK(grad_h_n.sizes() == hx.sizes(), op_name, ": grad_h_n must have shape ", hx.sizes(),
-              ", got ", grad_h_n.sizes());
-  for (const at::Tensor* t : {&grad_output, &grad_h_n, &output}) {
-    TORCH_CHECK(t->scalar_type() == input.scalar_type() && t->device() == input.device(), op_name,
-                ": grad_output, grad_h_n and output must match the input's dtype and device (",
-                input.scalar_type(), " on ", input.device(), "), got ", t->scalar_type(), " on ",
-                t->device());
-  }
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t H = s.hidden_size;
   const int64_t width = s.output_width();
