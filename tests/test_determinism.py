@@ -90,6 +90,25 @@ def test_fresh_module_copies_are_bitwise_identical(name, device):
         assert_bitwise_equal(second[key], first[key], key)
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_cpu_bits_do_not_depend_on_the_thread_count(name):
+    """The CPU kernels split rows and columns over torch's intra-op threads, never a reduction, so
+    1, 2 or 4 threads give the same bits (the configs are large enough to be split)."""
+    config = CONFIGS[name]
+    threads_before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            for dtype in (torch.float32, torch.float64):
+                results[threads, dtype] = _run_once(_module(config, dtype, "cpu"), config, dtype, "cpu")
+    finally:
+        torch.set_num_threads(threads_before)
+    for (threads, dtype), result in results.items():
+        for key in result:
+            assert_bitwise_equal(result[key], results[1, dtype][key], f"{key} ({threads} threads, {dtype})")
+
+
 def test_dropout_is_identical_under_the_same_seed_only(device):
     config = dict(CONFIGS["padded"], num_layers=3)
     module = _module(config, torch.float32, device, dropout=0.5).train()
