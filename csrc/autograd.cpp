@@ -1,13 +1,13 @@
 // Autograd for rnn_ext::elman_forward, in C++ so a call costs no Python: the backward is the
-// rnn_ext::elman_backward op. Double backward (create_graph=True) re-runs the layer as a chain
-// of differentiable ATen ops and differentiates that, so gradgrad works as it does for nn.RNN.
+// rnn_ext::elman_backward op. Double backward (create_graph=True) re-runs the layer as the
+// composite of composite.h and differentiates that, so gradgrad works as it does for nn.RNN.
 #include <torch/autograd.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
 #include <c10/util/irange.h>
 
-#include "layer_args.h"
+#include "composite.h"
 
 namespace rnn_ext {
 namespace {
@@ -40,45 +40,6 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> call_backward(
               std::array<bool, 3>)>();
   return op.call(grad_output, grad_h_n, input, hx, weights, output, batch_sizes, relu,
                  output_mask);
-}
-
-// The layer as differentiable ATen ops, step by step: slow, used only for double backward.
-std::tuple<at::Tensor, at::Tensor> composite_forward(const at::Tensor& input, const at::Tensor& hx,
-                                                     at::TensorList weights,
-                                                     const c10::optional<at::Tensor>& batch_sizes,
-                                                     bool relu) {
-  const LayerArgs args =
-      read_layer_args("rnn_ext::elman_forward", input, hx, weights, batch_sizes, relu);
-  const ElmanShape& s = args.shape;
-  const at::Tensor rows = input.reshape({s.rows, s.input_size});
-  auto activation = [&](const at::Tensor& x) { return relu ? at::relu(x) : at::tanh(x); };
-  std::vector<at::Tensor> direction_outputs, final_states;
-  for (const auto d : c10::irange(s.directions)) {
-    const DirectionWeights& w = args.directions[d];
-    at::Tensor projected = at::matmul(rows, w.weight_ih.t());
-    if (s.has_bias) projected = projected + w.bias_ih + w.bias_hh;
-    const bool reverse = d == 1;
-    std::vector<at::Tensor> step_outputs(s.steps);
-    at::Tensor state = hx[d];  // [B, H]; rows past a step's batch size hold their final states
-    for (const auto position : c10::irange(s.steps)) {
-      const int64_t t = step_at(position, s.steps, reverse);
-      const int64_t active = args.batch_sizes[t];
-      at::Tensor previous = state.narrow(0, 0, active);
-      if (reverse && t + 1 < s.steps && args.batch_sizes[t + 1] < active) {
-        // Rows that start here in the reverse direction read h0.
-        const int64_t carried = args.batch_sizes[t + 1];
-        previous = at::cat({state.narrow(0, 0, carried), hx[d].narrow(0, carried, active - carried)});
-      }
-      const at::Tensor h = activation(projected.narrow(0, args.step_offsets[t], active) +
-                                      at::matmul(previous, w.weight_hh.t()));
-      step_outputs[t] = h;
-      state = active == s.batch ? h : at::cat({h, state.narrow(0, active, s.batch - active)});
-    }
-    direction_outputs.push_back(at::cat(step_outputs, 0));
-    final_states.push_back(state);
-  }
-  const at::Tensor output = at::cat(direction_outputs, 1).view(output_sizes(args));
-  return {output, at::stack(final_states, 0)};
 }
 
 class ElmanFunction : public torch::autograd::Function<ElmanFunction> {

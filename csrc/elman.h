@@ -1,5 +1,6 @@
-// The one description of an Elman layer shared by the CPU and CUDA backends: shapes, flags, the
-// time-major row layout and the activation. No torch headers, so nvcc-only kernel files include it.
+// The one description of an Elman layer shared by the CPU kernels, the CUDA kernels and the
+// composite (differentiable ATen) path: shapes, flags, the time-major row layout, the step rules of
+// padded and packed input, and the activation. No torch headers: nvcc-only kernel files include it.
 #pragma once
 
 #include <cmath>
@@ -41,26 +42,71 @@ ELMAN_HOST_DEVICE int64_t output_index(int64_t row, int64_t direction, int64_t u
   return (row * directions + direction) * hidden_size + unit;
 }
 
+// Element (direction, batch row, unit) of a contiguous [D, B, H] state tensor (hx, h_n, grads).
+ELMAN_HOST_DEVICE int64_t state_index(int64_t direction, int64_t b, int64_t unit, int64_t batch,
+                                      int64_t hidden_size) {
+  return (direction * batch + b) * hidden_size + unit;
+}
+
 // The step a direction processes at position `position` of its own order (0 = its first step).
 ELMAN_HOST_DEVICE int64_t step_at(int64_t position, int64_t steps, bool reverse) {
   return reverse ? steps - 1 - position : position;
 }
 
-// True when row `row` at step `step` starts its sequence for this direction, i.e. reads h0.
-// batch_sizes is non-increasing, so in the reverse direction a row starts where the next step
-// no longer has it.
-ELMAN_HOST_DEVICE bool reads_initial_state(const int64_t* batch_sizes, int64_t steps, int64_t step,
-                                           int64_t row, bool reverse) {
-  if (!reverse) return step == 0;
-  return step == steps - 1 || row >= batch_sizes[step + 1];
+// The step a pass visits at its position `position`: a forward pass runs each direction in the
+// direction's own order, a backward pass in the reverse of it.
+ELMAN_HOST_DEVICE int64_t step_of_position(int64_t position, int64_t steps, bool reverse,
+                                           bool backward) {
+  return backward ? step_at(steps - 1 - position, steps, reverse) : step_at(position, steps, reverse);
 }
 
-// True when `row` at `step` is the direction's last step for that sequence (it produces h_n).
-ELMAN_HOST_DEVICE bool writes_final_state(const int64_t* batch_sizes, int64_t steps, int64_t step,
-                                          int64_t row, bool reverse) {
-  if (reverse) return step == 0;
-  return step == steps - 1 || row >= batch_sizes[step + 1];
+// The step whose state `step` reads, for a row that does not start its sequence at `step`.
+ELMAN_HOST_DEVICE int64_t previous_step(int64_t step, bool reverse) {
+  return reverse ? step + 1 : step - 1;
 }
+
+// Where each step's rows are, and where each row's sequence starts and ends, for one direction.
+// A padded input has no batch_sizes array (every step has `batch` rows at t * batch): the CUDA
+// kernels of a padded input then read no batch sizes at all and need no host-to-device copy (which
+// keeps them capturable in a CUDA graph). batch_sizes never grows from one step to the next.
+struct StepLayout {
+  const int64_t* batch_sizes = nullptr;   // [steps], or null for a padded input
+  const int64_t* step_offsets = nullptr;  // [steps] first row of each step, or null when padded
+  int64_t steps = 0;
+  int64_t batch = 0;
+
+  ELMAN_HOST_DEVICE int64_t size(int64_t step) const {
+    return batch_sizes != nullptr ? batch_sizes[step] : batch;
+  }
+  ELMAN_HOST_DEVICE int64_t offset(int64_t step) const {
+    return step_offsets != nullptr ? step_offsets[step] : step * batch;
+  }
+  ELMAN_HOST_DEVICE int64_t row(int64_t step, int64_t b) const { return offset(step) + b; }
+
+  // True when row `b` at `step` starts its sequence for this direction, i.e. reads h0. In the
+  // reverse direction a row starts where the next step no longer has it.
+  ELMAN_HOST_DEVICE bool reads_initial_state(int64_t step, int64_t b, bool reverse) const {
+    if (!reverse) return step == 0;
+    return step == steps - 1 || b >= size(step + 1);
+  }
+  // True when row `b` at `step` is the direction's last step of its sequence (it produces h_n).
+  ELMAN_HOST_DEVICE bool writes_final_state(int64_t step, int64_t b, bool reverse) const {
+    if (reverse) return step == 0;
+    return step == steps - 1 || b >= size(step + 1);
+  }
+
+  // The rows of a step that end their sequence there form a suffix [first_final_row, size(step)),
+  // and so do the rows that start there: either every row of the step, or exactly those past the
+  // neighbouring step's batch size.
+  ELMAN_HOST_DEVICE int64_t first_final_row(int64_t step, bool reverse) const {
+    if (writes_final_state(step, 0, reverse)) return 0;
+    return reverse ? size(step) : size(step + 1);
+  }
+  ELMAN_HOST_DEVICE int64_t first_initial_row(int64_t step, bool reverse) const {
+    if (reads_initial_state(step, 0, reverse)) return 0;
+    return reverse ? size(step + 1) : size(step);
+  }
+};
 
 // Written so that NaN stays NaN, as torch.relu and torch.tanh keep it.
 template <typename T>

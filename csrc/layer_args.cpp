@@ -153,4 +153,41 @@ std::vector<int64_t> output_sizes(const LayerArgs& args) {
   return {s.steps, s.batch, s.output_width()};
 }
 
+StepLayout step_layout(const LayerArgs& args) {
+  return StepLayout{args.batch_sizes.data(), args.step_offsets.data(), args.shape.steps,
+                    args.shape.batch};
+}
+
+BackwardResult backward_result(const LayerArgs& args, const at::Tensor& input,
+                               at::TensorList weights, std::array<bool, 3> output_mask,
+                               at::Tensor grad_input, at::Tensor grad_hx,
+                               const std::vector<DirectionGradients>& directions) {
+  const at::TensorOptions options = input.options();
+  if (!output_mask[0]) {
+    grad_input = at::empty({0}, options);
+  } else {
+    grad_input = grad_input.defined() ? grad_input.view(input.sizes()) : at::zeros(input.sizes(), options);
+  }
+  if (!output_mask[1]) grad_hx = at::empty({0}, options);
+  std::vector<at::Tensor> grad_weights;
+  if (output_mask[2]) {
+    for (const auto index : c10::irange(weights.size())) {
+      const int64_t per_direction = args.shape.weights_per_direction();
+      const DirectionGradients* g = directions.empty() ? nullptr : &directions[index / per_direction];
+      at::Tensor grad;
+      if (g != nullptr) {
+        switch (index % per_direction) {
+          case 0: grad = g->weight_ih; break;
+          case 1: grad = g->weight_hh; break;
+          case 2: grad = g->bias; break;
+          default: grad = g->bias.defined() ? g->bias.clone() : at::Tensor(); break;  // own tensor
+        }
+      }
+      grad_weights.push_back(grad.defined() ? grad
+                                            : at::zeros_like(weights[index], at::MemoryFormat::Contiguous));
+    }
+  }
+  return {grad_input, grad_hx, grad_weights};
+}
+
 }  // namespace rnn_ext

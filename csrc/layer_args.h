@@ -4,6 +4,8 @@
 
 #include <torch/types.h>
 
+#include <array>
+#include <tuple>
 #include <vector>
 
 #include "elman.h"
@@ -40,5 +42,26 @@ LayerArgs read_backward_args(const char* op_name, const at::Tensor& grad_output,
 
 // The shape of the layer's output for this input: [T, B, D*H], or [N, D*H] when packed.
 std::vector<int64_t> output_sizes(const LayerArgs& args);
+
+// The rows of each step, for the step rules of elman.h (host memory; valid while args lives).
+StepLayout step_layout(const LayerArgs& args);
+
+// One direction's parameter gradients as a backend computes them: the two biases of a direction
+// share one gradient (both are added to the same pre-activation).
+struct DirectionGradients {
+  at::Tensor weight_ih;
+  at::Tensor weight_hh;
+  at::Tensor bias;  // undefined when the layer has no bias
+};
+
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>>;
+
+// elman_backward's result from what a backend computed. Gradients not asked for in output_mask
+// come back as empty tensors (an op cannot return undefined ones); an undefined gradient that was
+// asked for (a layer with no rows) is zero; the weight gradients follow the flat weights' order.
+BackwardResult backward_result(const LayerArgs& args, const at::Tensor& input,
+                               at::TensorList weights, std::array<bool, 3> output_mask,
+                               at::Tensor grad_input, at::Tensor grad_hx,
+                               const std::vector<DirectionGradients>& directions);
 
 }  // namespace rnn_ext

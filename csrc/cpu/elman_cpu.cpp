@@ -104,25 +104,23 @@ void forward_direction(const LayerArgs& args, int64_t direction, const T* hx, T*
   const ElmanShape& s = args.shape;
   const int64_t H = s.hidden_size, D = s.directions, T_ = s.steps;
   const bool reverse = direction == 1;
-  const int64_t* batch_sizes = args.batch_sizes.data();
+  const StepLayout layout = step_layout(args);
   const at::Tensor weight_hh = args.directions[direction].weight_hh.contiguous();
   PackedMatrix<T> weight_t;  // element (k, j) = W_hh[j, k]
   cpu::pack_matrix(weight_t, weight_hh.data_ptr<T>(), H, H, /*k_stride=*/1, /*j_stride=*/H);
-  const T* h0 = hx + direction * s.batch * H;
-  T* final_state = h_n + direction * s.batch * H;
+  const T* h0 = hx + state_index(direction, 0, 0, s.batch, H);
+  T* final_state = h_n + state_index(direction, 0, 0, s.batch, H);
 
   std::vector<const T*> previous(s.batch);
   std::vector<T*> current(s.batch);
   for (const auto position : c10::irange(T_)) {
-    const int64_t t = step_at(position, T_, reverse);
-    const int64_t rows = batch_sizes[t];
-    const int64_t offset = args.step_offsets[t];
-    const int64_t previous_step = reverse ? t + 1 : t - 1;
+    const int64_t t = step_of_position(position, T_, reverse, /*backward=*/false);
+    const int64_t rows = layout.size(t);
     for (const auto b : c10::irange(rows)) {
-      previous[b] = reads_initial_state(batch_sizes, T_, t, b, reverse)
+      previous[b] = layout.reads_initial_state(t, b, reverse)
                         ? h0 + b * H
-                        : output + output_index(args.step_offsets[previous_step] + b, direction, 0, H, D);
-      current[b] = output + output_index(offset + b, direction, 0, H, D);
+                        : output + output_index(layout.row(previous_step(t, reverse), b), direction, 0, H, D);
+      current[b] = output + output_index(layout.row(t, b), direction, 0, H, D);
     }
     step_product(rows, previous.data(), weight_t, current.data(), /*accumulate=*/true,
                  [&](int64_t column_begin, int64_t column_end) {
@@ -135,7 +133,7 @@ void forward_direction(const LayerArgs& args, int64_t direction, const T* hx, T*
                                       s.activation);
                  });
     for (const auto b : c10::irange(rows)) {
-      if (writes_final_state(batch_sizes, T_, t, b, reverse))
+      if (layout.writes_final_state(t, b, reverse))
         std::memcpy(final_state + b * H, current[b], H * sizeof(T));
     }
   }
@@ -159,36 +157,35 @@ void backward_direction(const LayerArgs& args, int64_t direction, const T* grad_
   const ElmanShape& s = args.shape;
   const int64_t H = s.hidden_size, D = s.directions, T_ = s.steps;
   const bool reverse = direction == 1;
-  const int64_t* batch_sizes = args.batch_sizes.data();
+  const StepLayout layout = step_layout(args);
   const at::Tensor weight_hh = args.directions[direction].weight_hh.contiguous();
   PackedMatrix<T> weight;  // element (j, k) = W_hh[j, k]: dh_{t-1} = dP_t W_hh
   cpu::pack_matrix(weight, weight_hh.data_ptr<T>(), H, H, /*k_stride=*/H, /*j_stride=*/1);
-  const T* h0 = hx + direction * s.batch * H;
-  const T* grad_final = grad_h_n + direction * s.batch * H;
-  T* grad_h0 = grad_hx + direction * s.batch * H;
+  const int64_t first = state_index(direction, 0, 0, s.batch, H);
+  const T* h0 = hx + first;
+  const T* grad_final = grad_h_n + first;
+  T* grad_h0 = grad_hx + first;
 
   std::vector<T> carry(s.batch * H, T(0));  // dL/dh for the step being processed
   std::vector<const T*> grad_rows(s.batch);
   std::vector<T*> targets(s.batch);
-  for (int64_t position = T_ - 1; position >= 0; --position) {
-    const int64_t t = step_at(position, T_, reverse);
-    const int64_t rows = batch_sizes[t];
-    const int64_t offset = args.step_offsets[t];
-    const int64_t previous_step = reverse ? t + 1 : t - 1;
+  for (const auto position : c10::irange(T_)) {
+    const int64_t t = step_of_position(position, T_, reverse, /*backward=*/true);
+    const int64_t rows = layout.size(t);
     for (const auto b : c10::irange(rows)) {
       T* dh = carry.data() + b * H;
-      if (writes_final_state(batch_sizes, T_, t, b, reverse))
+      if (layout.writes_final_state(t, b, reverse))
         std::memcpy(dh, grad_final + b * H, H * sizeof(T));
-      const int64_t index = output_index(offset + b, direction, 0, H, D);
+      const int64_t index = output_index(layout.row(t, b), direction, 0, H, D);
       const T* y = output + index;
       const T* g = grad_output + index;
       T* dp = grad_pre + index;
       for (const auto j : c10::irange(H))
         dp[j] = activation_backward(dh[j] + g[j], y[j], s.activation);
       grad_rows[b] = dp;
-      const bool initial = reads_initial_state(batch_sizes, T_, t, b, reverse);
+      const bool initial = layout.reads_initial_state(t, b, reverse);
       const T* h_prev = initial ? h0 + b * H
-                                : output + output_index(args.step_offsets[previous_step] + b,
+                                : output + output_index(layout.row(previous_step(t, reverse), b),
                                                         direction, 0, H, D);
       std::memcpy(previous_states + index, h_prev, H * sizeof(T));
       targets[b] = initial ? grad_h0 + b * H : dh;
@@ -218,39 +215,37 @@ at::Tensor input_gradient(const LayerArgs& args, const at::Tensor& grad_pre) {
 // Weight gradients dW_ih = dP^T X and dW_hh = dP^T H_prev per direction, with the same kernel:
 // the rows of dP^T times X (or H_prev) packed as the right-hand side.
 template <typename T>
-std::vector<at::Tensor> weight_gradients(const LayerArgs& args, const at::Tensor& grad_pre,
-                                         const at::Tensor& input_rows,
-                                         const at::Tensor& previous_states) {
+std::vector<DirectionGradients> weight_gradients(const LayerArgs& args, const at::Tensor& grad_pre,
+                                                 const at::Tensor& input_rows,
+                                                 const at::Tensor& previous_states) {
   const ElmanShape& s = args.shape;
   const int64_t H = s.hidden_size, width = s.output_width();
   const at::Tensor grad_pre_t = grad_pre.t().contiguous();  // [D*H, rows]
   PackedMatrix<T> inputs, previous;
   cpu::pack_matrix(inputs, input_rows.data_ptr<T>(), s.rows, s.input_size,
                    /*k_stride=*/s.input_size, /*j_stride=*/1);
-  std::vector<at::Tensor> grads;
+  std::vector<DirectionGradients> grads;
   for (const auto d : c10::irange(s.directions)) {
     const T* grad_pre_d = grad_pre_t.data_ptr<T>() + d * H * s.rows;
-    at::Tensor grad_ih = at::empty({H, s.input_size}, grad_pre.options());
-    parallel_row_matmul<T>(H, grad_pre_d, s.rows, inputs, grad_ih.data_ptr<T>(), s.input_size,
+    DirectionGradients g;
+    g.weight_ih = at::empty({H, s.input_size}, grad_pre.options());
+    parallel_row_matmul<T>(H, grad_pre_d, s.rows, inputs, g.weight_ih.data_ptr<T>(), s.input_size,
                            /*accumulate=*/false);
     cpu::pack_matrix(previous, previous_states.data_ptr<T>() + d * H, s.rows, H,
                      /*k_stride=*/width, /*j_stride=*/1);
-    at::Tensor grad_hh = at::empty({H, H}, grad_pre.options());
-    parallel_row_matmul<T>(H, grad_pre_d, s.rows, previous, grad_hh.data_ptr<T>(), H,
+    g.weight_hh = at::empty({H, H}, grad_pre.options());
+    parallel_row_matmul<T>(H, grad_pre_d, s.rows, previous, g.weight_hh.data_ptr<T>(), H,
                            /*accumulate=*/false);
-    grads.push_back(grad_ih);
-    grads.push_back(grad_hh);
     if (s.has_bias) {
-      // Both biases get the column sums of dP_d, summed row by row so the result is the same
-      // whatever the thread count.
-      at::Tensor grad_bias = at::zeros({H}, grad_pre.options());
-      T* sums = grad_bias.data_ptr<T>();
+      // The column sums of dP_d, summed row by row so the result is the same whatever the thread
+      // count.
+      g.bias = at::zeros({H}, grad_pre.options());
+      T* sums = g.bias.data_ptr<T>();
       const T* rows = grad_pre.data_ptr<T>() + d * H;
       for (const auto r : c10::irange(s.rows))
         for (const auto j : c10::irange(H)) sums[j] += rows[r * width + j];
-      grads.push_back(grad_bias);
-      grads.push_back(grad_bias.clone());
     }
+    grads.push_back(std::move(g));
   }
   return grads;
 }
@@ -289,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor> elman_forward_cpu(const at::Tensor& input, co
   return {output, h_n};
 }
 
-std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elman_backward_cpu(
+BackwardResult elman_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
     const at::Tensor& hx, at::TensorList weights, const at::Tensor& output,
     const c10::optional<at::Tensor>& batch_sizes, bool relu, std::array<bool, 3> output_mask) {
@@ -310,8 +305,10 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elman_backward_cpu(
   at::Tensor grad_pre = at::empty({s.rows, width}, input.options());
   at::Tensor previous_states = at::empty({s.rows, width}, input.options());
   at::Tensor grad_hx = at::zeros_like(hx, at::MemoryFormat::Contiguous);
-  const at::Tensor input_rows = input.reshape({s.rows, s.input_size}).contiguous();
+  at::Tensor grad_input;
+  std::vector<DirectionGradients> grad_directions;
   if (s.rows > 0) {
+    const at::Tensor input_rows = input.reshape({s.rows, s.input_size}).contiguous();
     const at::Tensor grad_output_c = grad_output.contiguous();
     const at::Tensor grad_h_n_c = grad_h_n.contiguous();
     const at::Tensor hx_c = hx.contiguous();
@@ -324,32 +321,12 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elman_backward_cpu(
                                      previous_states.data_ptr<scalar_t>(),
                                      grad_hx.data_ptr<scalar_t>());
       }
+      if (output_mask[0]) grad_input = input_gradient<scalar_t>(args, grad_pre);
+      if (output_mask[2])
+        grad_directions = weight_gradients<scalar_t>(args, grad_pre, input_rows, previous_states);
     });
   }
-
-  // Gradients not asked for come back as empty tensors (an op cannot return undefined ones).
-  at::Tensor grad_input = at::empty({0}, input.options());
-  if (output_mask[0]) {
-    if (s.rows == 0) {
-      grad_input = at::zeros({s.rows, s.input_size}, input.options());
-    } else {
-      AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_ext::elman_backward_input",
-                                 [&] { grad_input = input_gradient<scalar_t>(args, grad_pre); });
-    }
-    grad_input = grad_input.view(input.sizes());
-  }
-  std::vector<at::Tensor> grad_weights;
-  if (output_mask[2]) {
-    if (s.rows == 0) {
-      for (const auto& w : weights) grad_weights.push_back(at::zeros_like(w, at::MemoryFormat::Contiguous));
-    } else {
-      AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_ext::elman_backward_weights", [&] {
-        grad_weights = weight_gradients<scalar_t>(args, grad_pre, input_rows, previous_states);
-      });
-    }
-  }
-  if (!output_mask[1]) grad_hx = at::empty({0}, input.options());
-  return {grad_input, grad_hx, grad_weights};
+  return backward_result(args, input, weights, output_mask, grad_input, grad_hx, grad_directions);
 }
 
 }  // namespace

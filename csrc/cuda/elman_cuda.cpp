@@ -21,7 +21,6 @@
 
 #include "../layer_args.h"
 #include "elman_kernels.h"
-#include "step_layout.h"
 
 namespace rnn_ext {
 namespace {
@@ -122,11 +121,6 @@ struct Recurrence {
     }
   }
 
-  // Host view of the step layout (for the StepGemm regime's GEMM shapes).
-  gpu::StepLayout host_layout() const {
-    return gpu::StepLayout{args.batch_sizes.data(), args.step_offsets.data(), args.shape.steps, args.shape.batch};
-  }
-
   gpu::RecurrencePlan plan() const {
     const gpu::Regime requested = requested_regime();
     const gpu::RecurrencePlan plan =
@@ -155,7 +149,7 @@ struct Recurrence {
 // then one pointwise kernel applies the activation and writes h_n for rows that end there.
 void step_gemm_forward(Recurrence& r, at::Tensor& sequence, const at::Tensor& hx, at::Tensor& h_n) {
   const ElmanShape& s = r.args.shape;
-  const gpu::StepLayout layout = r.host_layout();
+  const StepLayout layout = step_layout(r.args);
   const int64_t H = s.hidden_size;
   for (const auto d : c10::irange(s.directions)) {
     const bool reverse = d == 1;
@@ -164,15 +158,14 @@ void step_gemm_forward(Recurrence& r, at::Tensor& sequence, const at::Tensor& hx
     at::Tensor final_state = h_n[d];
     const at::Tensor columns = sequence.narrow(1, d * H, H);
     for (const auto position : c10::irange(s.steps)) {
-      const int64_t t = step_at(position, s.steps, reverse);
+      const int64_t t = step_of_position(position, s.steps, reverse, /*backward=*/false);
       const int64_t rows = layout.size(t);
       const at::Tensor current = columns.narrow(0, layout.offset(t), rows);
       // Rows [0, carried) continue from the previous step; the others start from h0.
       const int64_t carried = layout.first_initial_row(t, reverse);
       if (carried > 0) {
-        const int64_t previous_step = reverse ? t + 1 : t - 1;
         at::Tensor part = current.narrow(0, 0, carried);
-        part.addmm_(columns.narrow(0, layout.offset(previous_step), carried), weight_t);
+        part.addmm_(columns.narrow(0, layout.offset(previous_step(t, reverse)), carried), weight_t);
       }
       if (carried < rows) {
         at::Tensor part = current.narrow(0, carried, rows - carried);
@@ -201,7 +194,7 @@ void step_gemm_forward(Recurrence& r, at::Tensor& sequence, const at::Tensor& hx
 void step_gemm_backward(Recurrence& r, at::Tensor& grad_pre, const at::Tensor& grad_output,
                         const at::Tensor& output, const at::Tensor& grad_h_n, at::Tensor& grad_hx) {
   const ElmanShape& s = r.args.shape;
-  const gpu::StepLayout layout = r.host_layout();
+  const StepLayout layout = step_layout(r.args);
   const int64_t H = s.hidden_size;
   at::Tensor carry = at::empty({s.batch, H}, grad_pre.options());
   for (const auto d : c10::irange(s.directions)) {
@@ -210,8 +203,8 @@ void step_gemm_backward(Recurrence& r, at::Tensor& grad_pre, const at::Tensor& g
     at::Tensor grad_h0 = grad_hx[d];
     const at::Tensor grad_final = grad_h_n[d];
     const at::Tensor columns = grad_pre.narrow(1, d * H, H);
-    for (int64_t position = s.steps - 1; position >= 0; --position) {
-      const int64_t t = step_at(position, s.steps, reverse);
+    for (const auto position : c10::irange(s.steps)) {
+      const int64_t t = step_of_position(position, s.steps, reverse, /*backward=*/true);
       const int64_t rows = layout.size(t);
       gpu::StepGradient step;
       step.scalar_type = r.problem.scalar_type;
@@ -287,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor> elman_forward_cuda(const at::Tensor& input, c
   return {output, h_n};
 }
 
-std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elman_backward_cuda(
+BackwardResult elman_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
     const at::Tensor& hx, at::TensorList weights, const at::Tensor& output,
     const c10::optional<at::Tensor>& batch_sizes, bool relu, std::array<bool, 3> output_mask) {
@@ -331,17 +324,15 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elman_backward_cuda(
     grad_hx.zero_();
   }
 
-  // Gradients not asked for come back as empty tensors (an op cannot return undefined ones).
-  at::Tensor grad_input = at::empty({0}, options);
+  at::Tensor grad_input;
   if (output_mask[0]) {
     grad_input = at::mm(grad_pre.narrow(1, 0, H), args.directions[0].weight_ih);
     for (int64_t d = 1; d < s.directions; ++d) {
       grad_input.addmm_(grad_pre.narrow(1, d * H, H), args.directions[d].weight_ih);
     }
-    grad_input = grad_input.view(input.sizes());
   }
 
-  std::vector<at::Tensor> grad_weights;
+  std::vector<DirectionGradients> grad_directions;
   if (output_mask[2]) {
     const at::Tensor input_rows = input.reshape({s.rows, s.input_size});
     // The state each row read at its step, for the W_hh gradient. Packed input gathers it into one
@@ -366,10 +357,10 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elman_backward_cuda(
     }
     for (const auto d : c10::irange(s.directions)) {
       const at::Tensor grad_pre_d = grad_pre.narrow(1, d * H, H);
-      grad_weights.push_back(at::mm(grad_pre_d.t(), input_rows));
-      at::Tensor grad_weight_hh;
+      DirectionGradients g;
+      g.weight_ih = at::mm(grad_pre_d.t(), input_rows);
       if (previous.defined()) {
-        grad_weight_hh = at::mm(grad_pre_d.t(), previous.narrow(1, d * H, H));
+        g.weight_hh = at::mm(grad_pre_d.t(), previous.narrow(1, d * H, H));
       } else {
         const at::Tensor output_d = output_rows.narrow(1, d * H, H);
         const int64_t later = s.rows - s.batch;  // rows of every step but the direction's first
@@ -378,19 +369,14 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> elman_backward_cuda(
         const int64_t grad_begin = reverse ? 0 : s.batch;
         const int64_t state_begin = reverse ? s.batch : 0;
         const int64_t first_step_begin = reverse ? later : 0;
-        grad_weight_hh = at::mm(grad_pre_d.narrow(0, grad_begin, later).t(), output_d.narrow(0, state_begin, later));
-        grad_weight_hh.addmm_(grad_pre_d.narrow(0, first_step_begin, s.batch).t(), hx_c[d]);
+        g.weight_hh = at::mm(grad_pre_d.narrow(0, grad_begin, later).t(), output_d.narrow(0, state_begin, later));
+        g.weight_hh.addmm_(grad_pre_d.narrow(0, first_step_begin, s.batch).t(), hx_c[d]);
       }
-      grad_weights.push_back(grad_weight_hh);
-      if (s.has_bias) {
-        at::Tensor grad_bias = grad_pre_d.sum(0);
-        grad_weights.push_back(grad_bias);
-        grad_weights.push_back(grad_bias.clone());
-      }
+      if (s.has_bias) g.bias = grad_pre_d.sum(0);
+      grad_directions.push_back(std::move(g));
     }
   }
-  if (!output_mask[1]) grad_hx = at::empty({0}, options);
-  return {grad_input, grad_hx, grad_weights};
+  return backward_result(args, input, weights, output_mask, grad_input, grad_hx, grad_directions);
 }
 
 }  // namespace

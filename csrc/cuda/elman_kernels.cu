@@ -21,7 +21,7 @@
 #include <mutex>
 #include <utility>
 
-#include "step_layout.h"
+#include "../elman.h"
 
 namespace rnn_ext {
 namespace gpu {
@@ -293,7 +293,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) elman_recurrence_kernel(const 
           Acc value = Acc(0);
           if (row < rows_end && row < active) {
             const int64_t at = state_index(direction, row, m, batch, p.hidden);
-            if (!p.backward && layout.is_first(step, row, reverse)) {
+            if (!p.backward && layout.reads_initial_state(step, row, reverse)) {
               value = Scalar<T>::widen(initial[at]);
             } else {
               value = __ldcg(exchange + read_plane + at);
@@ -351,13 +351,13 @@ __global__ void __launch_bounds__(kMaxThreads, 1) elman_recurrence_kernel(const 
           } else {
             states[b * hidden4 + n] = h;
           }
-          if (layout.is_last(step, row, reverse)) final_state[at] = Scalar<T>::narrow(h);
+          if (layout.writes_final_state(step, row, reverse)) final_state[at] = Scalar<T>::narrow(h);
           continue;
         }
-        if (row < active && layout.is_first(step, row, reverse)) final_state[at] = Scalar<T>::narrow(u);
+        if (row < active && layout.reads_initial_state(step, row, reverse)) final_state[at] = Scalar<T>::narrow(u);
         if (row < next_active) {
           // A row joining at the next step ends its sequence there: its dL/dh is grad_h_n.
-          const Acc grad_h = layout.is_last(next_step, row, reverse) ? Scalar<T>::widen(initial[at]) : u;
+          const Acc grad_h = layout.writes_final_state(next_step, row, reverse) ? Scalar<T>::widen(initial[at]) : u;
           const Acc grad_pre = activation_backward(grad_h + first[slot], second[slot], activation);
           sequence[output_index(layout.row(next_step, row), direction, n, p.hidden, directions)] =
               Scalar<T>::narrow(grad_pre);
@@ -429,11 +429,11 @@ __global__ void __launch_bounds__(kPointwiseThreads) gather_previous_states_kern
       const int64_t n = i % g.hidden;
       const bool reverse = direction == 1;
       T value;
-      if (layout.is_first(step, b, reverse)) {
+      if (layout.reads_initial_state(step, b, reverse)) {
         value = hx[state_index(direction, b, n, g.batch, g.hidden)];
       } else {
-        const int64_t previous_step = reverse ? step + 1 : step - 1;
-        value = output[output_index(layout.row(previous_step, b), direction, n, g.hidden, g.directions)];
+        value = output[output_index(layout.row(previous_step(step, reverse), b), direction, n, g.hidden,
+                                    g.directions)];
       }
       previous[output_index(layout.row(step, b), direction, n, g.hidden, g.directions)] = value;
     }

@@ -14,7 +14,7 @@ namespace gpu {
 
 enum class ScalarType : int32_t { Float32, Float64, Float16, BFloat16 };
 
-// How the sequential recurrence runs (DESIGN.md, "CUDA recurrence").
+// How the sequential recurrence runs (docs/design.md, "CUDA recurrence").
 enum class Regime : int32_t {
   Auto = 0,         // the planner picks the first that fits, in the order below
   SingleBlock = 1,  // all of W_hh in one block's shared memory; independent batch-tile blocks
