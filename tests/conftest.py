@@ -1,30 +1,24 @@
-"""Shared test helpers: the devices to run on (CPU, plus CUDA where the build and a GPU exist)."""
+"""Fixtures shared by the test files: the device to run on, and the CUDA recurrence regime to force.
+Everything else the files share is in helpers.py."""
 import pytest
-import torch
 
-import rnn_ext
+# helpers.py asserts too: pytest's assertion messages for it, as for the test files.
+pytest.register_assert_rewrite("helpers")
 
-
-def available_devices():
-    devices = ["cpu"]
-    if torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "rnn_ext::elman_forward", "CUDA"
-    ):
-        devices.append("cuda")
-    return devices
+import helpers  # noqa: E402
 
 
-DEVICES = available_devices()
-
-
-@pytest.fixture(params=DEVICES)
+@pytest.fixture(params=helpers.DEVICES)
 def device(request):
     return request.param
 
 
-def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
-    """Gives target the parameters of source (same names), leaving them independent tensors."""
-    target.load_state_dict(source.state_dict())
-
-
-__all__ = ["DEVICES", "device", "copy_weights", "rnn_ext"]
+@pytest.fixture(params=helpers.CUDA_REGIMES)
+def cuda_regime(request, monkeypatch):
+    """Forces one recurrence regime of the CUDA op for the test (a regime that cannot run the shape
+    is an error). The cooperative one gets at most 16 units per block, so that small layers use
+    several blocks along the hidden dimension and exchange their states through the grid."""
+    monkeypatch.setenv("RNN_EXT_CUDA_REGIME", request.param)
+    if request.param == "cooperative":
+        monkeypatch.setenv("RNN_EXT_CUDA_MAX_SLICE", "16")
+    return request.param

@@ -15,10 +15,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-import rnn_ext
+from helpers import ours_and_reference
 
 # The device fixture is a plain string parameter, safe to share across hypothesis examples.
 _COMMON = dict(
@@ -184,26 +183,23 @@ def _random(generator: torch.Generator, shape, device) -> torch.Tensor:
     return torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
 
 
-def _make_pair(case: Case, device):
-    reference = nn.RNN(
+def _ours_and_reference(case: Case, device):
+    """(rnn_ext.RNN, nn.RNN, the case's generator): the case's module in float64 on `device`, both
+    with weights uniform in +-weight_scale / sqrt(hidden_size) drawn from the case's generator."""
+    ours, reference = ours_and_reference(
         case.input_size, case.hidden_size, case.num_layers, case.nonlinearity, bias=case.bias,
         batch_first=case.batch_first, bidirectional=case.bidirectional, dtype=torch.float64,
+        device=device,
     )
     generator = torch.Generator().manual_seed(case.seed)
     bound = case.weight_scale / math.sqrt(case.hidden_size)
     with torch.no_grad():
         for parameter in reference.parameters():
             parameter.copy_(torch.rand(parameter.shape, generator=generator, dtype=torch.float64) * 2 * bound - bound)
-    reference = reference.to(device)
-    ours = rnn_ext.RNN(
-        case.input_size, case.hidden_size, case.num_layers, case.nonlinearity, bias=case.bias,
-        batch_first=case.batch_first, bidirectional=case.bidirectional, dtype=torch.float64,
-        device=device,
-    )
     ours.load_state_dict(reference.state_dict())
-    for module in (reference, ours):
+    for module in (ours, reference):
         module.requires_grad_(case.grad_params)
-    return reference, ours, generator
+    return ours, reference, generator
 
 
 def _inputs(case: Case, generator: torch.Generator, device):
@@ -283,7 +279,7 @@ def _assert_same(actual: dict, expected: dict, case: Case):
 
 
 def check_case(case: Case, device: str):
-    reference, ours, generator = _make_pair(case, device)
+    ours, reference, generator = _ours_and_reference(case, device)
     x, hx = _inputs(case, generator, device)
     cotangent_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
     expected = _run(reference, case, x, hx, cotangent_seed)

@@ -1,24 +1,16 @@
 """rnn_ext.RNN keeps torch.nn.RNN's module contract: constructor, parameters, init, state_dict,
-repr, copying and saving, dropout, errors (same type and text), convert(), and it runs our ops."""
+repr, copying and saving, dropout, convert(), and it runs our ops. (Its errors: test_errors.py.)"""
 import copy
 import io
 import pickle
 import re
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import rnn_ext
-
-
-def pair(*args, seed=0, **kwargs):
-    torch.manual_seed(seed)
-    ours = rnn_ext.RNN(*args, **kwargs)
-    torch.manual_seed(seed)
-    theirs = nn.RNN(*args, **kwargs)
-    return ours, theirs
+from helpers import ours_and_reference
 
 
 @pytest.mark.parametrize(
@@ -32,22 +24,22 @@ def pair(*args, seed=0, **kwargs):
     ],
 )
 def test_parameters_names_shapes_and_init_are_nn_rnns(args, kwargs):
-    ours, theirs = pair(*args, **kwargs)
+    ours, reference = ours_and_reference(*args, **kwargs)
     ours_params = list(ours.named_parameters())
-    theirs_params = list(theirs.named_parameters())
-    assert [n for n, _ in ours_params] == [n for n, _ in theirs_params]
-    for (name, a), (_, b) in zip(ours_params, theirs_params):
+    reference_params = list(reference.named_parameters())
+    assert [n for n, _ in ours_params] == [n for n, _ in reference_params]
+    for (name, a), (_, b) in zip(ours_params, reference_params):
         assert a.shape == b.shape, name
         assert torch.equal(a, b), f"{name}: init differs under the same seed"
     for attribute in ("mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first",
                       "dropout", "bidirectional", "proj_size", "nonlinearity", "_flat_weights_names",
                       "_all_weights"):
-        assert getattr(ours, attribute) == getattr(theirs, attribute), attribute
+        assert getattr(ours, attribute) == getattr(reference, attribute), attribute
     assert [[p.shape for p in layer] for layer in ours.all_weights] == [
-        [p.shape for p in layer] for layer in theirs.all_weights
+        [p.shape for p in layer] for layer in reference.all_weights
     ]
-    assert repr(ours) == repr(theirs)
-    assert ours.extra_repr() == theirs.extra_repr()
+    assert repr(ours) == repr(reference)
+    assert ours.extra_repr() == reference.extra_repr()
 
 
 def test_defaults():
@@ -61,97 +53,16 @@ def test_factory_kwargs():
     assert all(p.device.type == "meta" and p.dtype == torch.float64 for p in module.parameters())
 
 
-def expect_same_error(build):
-    """Runs build(cls) for nn.RNN and rnn_ext.RNN; both must raise the same type and message."""
-    errors = []
-    for cls in (nn.RNN, rnn_ext.RNN):
-        with pytest.raises(Exception) as info:
-            build(cls)
-        errors.append(info.value)
-    assert type(errors[0]) is type(errors[1])
-    assert str(errors[0]) == str(errors[1])
-    return errors[1]
-
-
-@pytest.mark.parametrize(
-    "args,kwargs",
-    [
-        ((3, 4), {"nonlinearity": "sigmoid"}),
-        ((3, 4, 1, "gelu"), {}),
-        ((3, 4), {"proj_size": 2}),
-        ((3, 0), {}),
-        ((0, 4), {}),
-        ((3, 4, 0), {}),
-        ((3.0, 4), {}),
-        ((3, 4), {"dropout": 1.5}),
-        ((3, 4), {"dropout": True}),
-        ((3, 4), {"bias": 1}),
-        ((3, 4), {"batch_first": "yes"}),
-    ],
-)
-def test_constructor_errors(args, kwargs):
-    expect_same_error(lambda cls: cls(*args, **kwargs))
-
-
-def test_dropout_warning_for_one_layer():
-    with pytest.warns(UserWarning, match="non-zero dropout expects num_layers greater than 1"):
-        rnn_ext.RNN(3, 4, dropout=0.5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        rnn_ext.RNN(3, 4, num_layers=2, dropout=0.5)
-
-
-@pytest.mark.parametrize(
-    "build_input",
-    [
-        lambda: (torch.randn(5, 3, 7),),  # wrong feature size
-        lambda: (torch.randn(5, 3, 4), torch.randn(2, 3, 6)),  # wrong hx layers
-        lambda: (torch.randn(5, 3, 4), torch.randn(1, 2, 6)),  # wrong hx batch
-        lambda: (torch.randn(5, 3, 4), torch.randn(1, 3, 5)),  # wrong hx hidden
-        lambda: (torch.randn(5, 3, 4), torch.randn(3, 6)),  # hx dims for batched input
-        lambda: (torch.randn(5, 4), torch.randn(1, 1, 6)),  # hx dims for unbatched input
-        lambda: (torch.randn(5, 4), torch.randn(2, 6)),  # unbatched hx wrong layers
-        lambda: (torch.randn(2, 5, 3, 4),),  # 4-D input
-        lambda: (torch.randn(4),),  # 1-D input
-        lambda: (torch.randn(5, 3, 4, dtype=torch.float64),),  # dtype mismatch
-        lambda: (torch.randint(0, 5, (5, 3, 4)),),  # integer input
-        lambda: (torch.randn(0, 3, 4),),  # empty sequence
-        lambda: (torch.randn(5, 3, 4), torch.randn(1, 3, 6, device="meta")),  # device mismatch
-    ],
-)
-def test_forward_errors_match_nn_rnn(build_input):
-    def call(cls):
-        torch.manual_seed(0)
-        module = cls(4, 6)
-        return module(*build_input())
-
-    expect_same_error(call)
-
-
-def test_packed_input_errors_match_nn_rnn():
-    packed = nn.utils.rnn.pack_sequence([torch.randn(4, 3), torch.randn(2, 3)])
-    expect_same_error(lambda cls: cls(5, 6)(packed))  # wrong feature size
-    packed = nn.utils.rnn.pack_sequence([torch.randn(4, 5), torch.randn(2, 5)])
-    expect_same_error(lambda cls: cls(5, 6)(packed, torch.randn(1, 3, 6)))  # hx batch
-
-
-def test_weights_of_wrong_shape_are_rejected():
-    module = rnn_ext.RNN(3, 4)
-    module.weight_hh_l0 = nn.Parameter(torch.randn(5, 5))
-    with pytest.raises(RuntimeError, match="weight_hh of direction 0 must have shape"):
-        module(torch.randn(2, 1, 3))
-
-
 def test_state_dict_round_trips_both_ways():
-    ours, theirs = pair(3, 5, 2, bidirectional=True, seed=1)
-    fresh_theirs = nn.RNN(3, 5, 2, bidirectional=True)
-    fresh_theirs.load_state_dict(ours.state_dict())
+    ours, reference = ours_and_reference(3, 5, 2, bidirectional=True, seed=1)
+    fresh_reference = nn.RNN(3, 5, 2, bidirectional=True)
+    fresh_reference.load_state_dict(ours.state_dict())
     fresh_ours = rnn_ext.RNN(3, 5, 2, bidirectional=True)
-    fresh_ours.load_state_dict(theirs.state_dict())
-    assert list(ours.state_dict()) == list(theirs.state_dict())
+    fresh_ours.load_state_dict(reference.state_dict())
+    assert list(ours.state_dict()) == list(reference.state_dict())
     x = torch.randn(4, 2, 3)
-    torch.testing.assert_close(fresh_ours(x)[0], theirs(x)[0])
-    torch.testing.assert_close(fresh_theirs(x)[0], ours(x)[0])
+    torch.testing.assert_close(fresh_ours(x)[0], reference(x)[0])
+    torch.testing.assert_close(fresh_reference(x)[0], ours(x)[0])
 
 
 def test_weight_tying_by_assignment():
@@ -250,13 +161,13 @@ def test_dropout_read_at_every_call():
 
 
 def test_hx_permuted_for_unsorted_packed_input():
-    ours, theirs = pair(3, 4, 2, bidirectional=True, seed=4)
-    ours, theirs = ours.double(), theirs.double()
+    ours, reference = ours_and_reference(3, 4, 2, bidirectional=True, seed=4)
+    ours, reference = ours.double(), reference.double()
     sequences = [torch.randn(n, 3, dtype=torch.float64) for n in (2, 5, 3)]
     packed = nn.utils.rnn.pack_sequence(sequences, enforce_sorted=False)
     hx = torch.randn(4, 3, 4, dtype=torch.float64)
     out_a, h_a = ours(packed, hx)
-    out_b, h_b = theirs(packed, hx)
+    out_b, h_b = reference(packed, hx)
     torch.testing.assert_close(out_a.data, out_b.data, rtol=0, atol=1e-12)
     torch.testing.assert_close(h_a, h_b, rtol=0, atol=1e-12)
 
@@ -316,10 +227,10 @@ def test_convert_keeps_parameter_identity_in_place():
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_output_can_be_modified_in_place_before_backward(batch_first):
     """As with nn.RNN: `out += residual` or Dropout(inplace=True) on the output, then backward."""
-    ours, theirs = pair(3, 4, 2, batch_first=batch_first, seed=2)
+    ours, reference = ours_and_reference(3, 4, 2, batch_first=batch_first, seed=2)
     x = torch.randn(2, 5, 3)
     grads = []
-    for module in (ours, theirs):
+    for module in (ours, reference):
         output, h_n = module(x)
         assert not output._is_view()
         output.mul_(2).add_(1)
@@ -332,12 +243,12 @@ def test_output_can_be_modified_in_place_before_backward(batch_first):
 def test_weight_norm_on_a_recurrent_weight():
     """torch.nn.utils.weight_norm replaces the Parameter by a computed tensor before each call;
     the module must pick it up (and give its parameters gradients) as nn.RNN does."""
-    ours, theirs = pair(3, 4, 2, seed=5)
+    ours, reference = ours_and_reference(3, 4, 2, seed=5)
     ours = torch.nn.utils.weight_norm(ours, name="weight_hh_l0")
-    theirs = torch.nn.utils.weight_norm(theirs, name="weight_hh_l0")
+    reference = torch.nn.utils.weight_norm(reference, name="weight_hh_l0")
     x = torch.randn(5, 2, 3)
     results = []
-    for module in (ours, theirs):
+    for module in (ours, reference):
         output, h_n = module(x)
         (output.sum() + h_n.sum()).backward()
         results.append((output, module.weight_hh_l0_g.grad, module.weight_hh_l0_v.grad))
@@ -348,12 +259,12 @@ def test_weight_norm_on_a_recurrent_weight():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_types_on_cpu(dtype):
     """Half types run in float32 inside the CPU kernel and come back in their own type."""
-    ours, theirs = pair(3, 8, 2, seed=6)
+    ours, reference = ours_and_reference(3, 8, 2, seed=6)
     ours = ours.to(dtype)
     x = torch.randn(6, 2, 3)
     output, h_n = ours(x.to(dtype))
     assert output.dtype == h_n.dtype == dtype
-    truth_module = theirs.to(dtype).double()  # the same rounded weights, in float64
+    truth_module = reference.to(dtype).double()  # the same rounded weights, in float64
     expected, expected_h = truth_module(x.to(dtype).double())
     torch.testing.assert_close(output.double(), expected, rtol=0, atol=2e-2)
     torch.testing.assert_close(h_n.double(), expected_h, rtol=0, atol=2e-2)

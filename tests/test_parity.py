@@ -1,15 +1,22 @@
 """Numerical parity of rnn_ext.RNN with torch.nn.RNN: outputs, h_n and every gradient, over the
 configuration grid, in float64 (against nn.RNN at 1e-10) and float32 (against a float64 truth)."""
 import itertools
-import zlib
 
 import pytest
 import torch
-from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnn_ext
-from rnn_ext import reference
+import rnn_ext.reference
+from helpers import (
+    assert_results_close,
+    op_results,
+    ours_and_reference,
+    random_layer,
+    relu_layer_away_from_zero,
+    rounded_to,
+    stable_seed,
+)
 
 GRID = list(
     itertools.product(
@@ -21,22 +28,6 @@ GRID = list(
         [True, False],  # hx given
     )
 )
-
-
-def stable_seed(*parts):
-    """A seed per test case that is the same in every process, unlike Python's salted str hash."""
-    return zlib.crc32(repr(parts).encode()) % 10_000
-
-
-def make_pair(seed, *args, dtype=torch.float64, device="cpu", **kwargs):
-    """nn.RNN and rnn_ext.RNN built from the same seed (so with bit-identical weights)."""
-    torch.manual_seed(seed)
-    ours = rnn_ext.RNN(*args, **kwargs).to(device=device, dtype=dtype)
-    torch.manual_seed(seed)
-    theirs = nn.RNN(*args, **kwargs).to(device=device, dtype=dtype)
-    for a, b in zip(ours.parameters(), theirs.parameters()):
-        assert torch.equal(a, b)
-    return ours, theirs
 
 
 def run(module, x, hx, grad_output_seed):
@@ -62,9 +53,9 @@ def assert_close_relative(actual, expected, rtol):
     assert error <= rtol * scale, f"max error {error:.3e} > {rtol:.1e} * {scale:.3g}"
 
 
-def compare(ours_result, theirs_result, rtol):
+def compare(ours_result, reference_result, rtol):
     names = ["output", "h_n", "grad input", "grad hx"]
-    for name, a, b in zip(names, ours_result[:4], theirs_result[:4]):
+    for name, a, b in zip(names, ours_result[:4], reference_result[:4]):
         if b is None:
             assert a is None, name
             continue
@@ -72,7 +63,7 @@ def compare(ours_result, theirs_result, rtol):
             assert_close_relative(a, b, rtol)
         except AssertionError as error:
             raise AssertionError(f"{name}: {error}") from None
-    for index, (a, b) in enumerate(zip(ours_result[4], theirs_result[4])):
+    for index, (a, b) in enumerate(zip(ours_result[4], reference_result[4])):
         try:
             assert_close_relative(a, b, rtol)
         except AssertionError as error:
@@ -91,23 +82,25 @@ def inputs(seed, steps, batch, input_size, hidden_size, layers, directions, batc
 def test_float64_matches_nn_rnn(device, layers, bidirectional, batch_first, bias, nonlinearity, with_hx):
     seed = stable_seed(layers, bidirectional, batch_first, bias, nonlinearity, with_hx)
     I, H, T, B = 5, 7, 6, 3
-    ours, theirs = make_pair(seed, I, H, layers, nonlinearity, bias=bias, batch_first=batch_first,
-                             bidirectional=bidirectional, device=device)
+    ours, reference = ours_and_reference(I, H, layers, nonlinearity, bias=bias, batch_first=batch_first,
+                                         bidirectional=bidirectional, device=device, dtype=torch.float64,
+                                         seed=seed)
     x, hx = inputs(seed + 1, T, B, I, H, layers, 2 if bidirectional else 1, batch_first, torch.float64, device)
     hx = hx if with_hx else None
-    compare(run(ours, x, hx, seed), run(theirs, x, hx, seed), rtol=1e-10)
+    compare(run(ours, x, hx, seed), run(reference, x, hx, seed), rtol=1e-10)
 
 
 @pytest.mark.parametrize("layers,bidirectional,batch_first,bias,nonlinearity,with_hx", GRID)
 def test_float32_matches_float64_truth(device, layers, bidirectional, batch_first, bias, nonlinearity, with_hx):
     seed = 7 + stable_seed(layers, bidirectional, batch_first, bias, nonlinearity, with_hx)
     I, H, T, B = 6, 40, 9, 4  # H spans more than one register block of the CPU kernel
-    ours, theirs = make_pair(seed, I, H, layers, nonlinearity, bias=bias, batch_first=batch_first,
-                             bidirectional=bidirectional, dtype=torch.float32, device=device)
-    theirs = theirs.double()
+    ours, reference = ours_and_reference(I, H, layers, nonlinearity, bias=bias, batch_first=batch_first,
+                                         bidirectional=bidirectional, dtype=torch.float32, device=device,
+                                         seed=seed)
+    reference = reference.double()
     x, hx = inputs(seed + 1, T, B, I, H, layers, 2 if bidirectional else 1, batch_first, torch.float32, device)
     hx = hx if with_hx else None
-    truth = run(theirs, x.double(), None if hx is None else hx.double(), seed)
+    truth = run(reference, x.double(), None if hx is None else hx.double(), seed)
     compare(run(ours, x, hx, seed), truth, rtol=2e-5)
 
 
@@ -124,7 +117,7 @@ def test_matches_plain_reference_loop():
             names = [f"{kind}_l{layer}{suffix}" for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
             directions.append(tuple(getattr(module, n) for n in names))
         layers.append(directions)
-    expected_output, expected_h_n = reference.elman_rnn(x, hx, layers, bidirectional=True)
+    expected_output, expected_h_n = rnn_ext.reference.elman_rnn(x, hx, layers, bidirectional=True)
     output, h_n = module(x, hx)
     torch.testing.assert_close(output, expected_output, rtol=0, atol=1e-12)
     torch.testing.assert_close(h_n, expected_h_n, rtol=0, atol=1e-12)
@@ -137,7 +130,8 @@ def test_packed_sequence(device, enforce_sorted, bidirectional, layers):
     seed = 100 + 10 * layers + 2 * bidirectional + enforce_sorted
     I, H, T = 3, 8, 7
     lengths = [7, 5, 5, 2, 1] if enforce_sorted else [2, 7, 1, 5, 4]
-    ours, theirs = make_pair(seed, I, H, layers, bidirectional=bidirectional, device=device)
+    ours, reference = ours_and_reference(I, H, layers, bidirectional=bidirectional, device=device,
+                                         dtype=torch.float64, seed=seed)
     directions = 2 if bidirectional else 1
     x, hx = inputs(seed, T, len(lengths), I, H, layers, directions, False, torch.float64, device)
 
@@ -158,7 +152,7 @@ def test_packed_sequence(device, enforce_sorted, bidirectional, layers):
         loss.backward()
         return padded, h_n, xs.grad, h0.grad, [p.grad for p in module.parameters()]
 
-    compare(packed_run(ours), packed_run(theirs), rtol=1e-10)
+    compare(packed_run(ours), packed_run(reference), rtol=1e-10)
 
 
 def test_packed_matches_per_sequence_runs():
@@ -179,35 +173,53 @@ def test_packed_matches_per_sequence_runs():
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("with_hx", [False, True])
 def test_unbatched_input(device, batch_first, with_hx):
-    ours, theirs = make_pair(21, 4, 6, 2, bidirectional=True, batch_first=batch_first, device=device)
+    ours, reference = ours_and_reference(4, 6, 2, bidirectional=True, batch_first=batch_first, device=device,
+                                         dtype=torch.float64, seed=21)
     x = torch.randn(5, 4, dtype=torch.float64, device=device)
     hx = torch.randn(4, 6, dtype=torch.float64, device=device) if with_hx else None
-    a, b = run(ours, x, hx, 1), run(theirs, x, hx, 1)
+    a, b = run(ours, x, hx, 1), run(reference, x, hx, 1)
     assert a[0].shape == (5, 12) and a[1].shape == (4, 6)
     compare(a, b, rtol=1e-10)
 
 
 def test_non_contiguous_input_and_weights(device):
-    ours, theirs = make_pair(5, 6, 8, 2, device=device)
+    ours, reference = ours_and_reference(6, 8, 2, device=device, dtype=torch.float64, seed=5)
     base = torch.randn(9, 12, 4, dtype=torch.float64, device=device)
     x = base.permute(2, 0, 1)[:, :, :6]  # [4 steps, 9 batch, 6 features]: permuted and sliced
     assert not x.is_contiguous()
     with torch.no_grad():
-        for module in (ours, theirs):
+        for module in (ours, reference):
             module.weight_hh_l1.set_(module.weight_hh_l1.t().contiguous().t())
-    compare(run(ours, x, None, 3), run(theirs, x, None, 3), rtol=1e-10)
+    compare(run(ours, x, None, 3), run(reference, x, None, 3), rtol=1e-10)
 
 
 def test_zero_batch(device):
-    ours, theirs = make_pair(8, 3, 4, 2, bidirectional=True, device=device)
+    ours, reference = ours_and_reference(3, 4, 2, bidirectional=True, device=device, dtype=torch.float64, seed=8)
     x = torch.randn(5, 0, 3, dtype=torch.float64, device=device)
-    a, b = ours(x), theirs(x)
+    a, b = ours(x), reference(x)
     assert a[0].shape == b[0].shape and a[1].shape == b[1].shape
 
 
 def test_seed_model_float32(device):
     """The seed model (input 1, hidden 32, batch_first) at float32 against a float64 truth."""
-    ours, theirs = make_pair(0, 1, 32, batch_first=True, dtype=torch.float32, device=device)
-    theirs = theirs.double()
+    ours, reference = ours_and_reference(1, 32, batch_first=True, dtype=torch.float32, device=device, seed=0)
+    reference = reference.double()
     x = torch.sin(torch.linspace(0, 6.28, 50 * 4)).reshape(4, 50, 1).to(device)
-    compare(run(ours, x, None, 9), run(theirs, x.double(), None, 9), rtol=2e-5)
+    compare(run(ours, x, None, 9), run(reference, x.double(), None, 9), rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("relu", [False, True])
+def test_half_types_against_float64_truth_on_cpu(dtype, relu):
+    """The CPU op runs half types in float32 and rounds its results once: output, h_n and every
+    gradient within two units of the type's last place of a float64 truth from the same rounded
+    arguments. relu's inputs keep every pre-activation away from zero, where rounding could flip
+    its derivative (an O(1) gradient difference that no kernel could avoid)."""
+    seed = stable_seed("half-cpu", str(dtype), relu)
+    if relu:
+        layer = relu_layer_away_from_zero(seed, steps=8, batch=4, hidden=40, dtype=dtype)
+    else:
+        layer = rounded_to(random_layer(seed, steps=8, batch=4, input_size=5, hidden=40, directions=2), dtype)
+    truth = op_results("cpu", torch.float64, layer, relu, seed, cotangent_dtype=dtype)
+    actual = op_results("cpu", dtype, layer, relu, seed)
+    assert_results_close(actual, truth, 2 * torch.finfo(dtype).eps)

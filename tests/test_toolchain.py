@@ -13,24 +13,20 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnn_ext
-from conftest import DEVICES
+from helpers import ours_and_reference, requires_cuda, skip_if_expecttest_missing
 
 INPUT_SIZE, HIDDEN_SIZE, CLASSES = 5, 6, 3
-
-requires_cuda = pytest.mark.skipif(
-    "cuda" not in DEVICES, reason="needs a GPU and rnn_ext built with its CUDA kernels"
-)
 
 
 class Tagger(nn.Module):
     """A recurrent layer and a linear head: the smallest model that shows the RNN inside a graph."""
 
     def __init__(self, rnn_class, num_layers=2, bidirectional=True, batch_first=True,
-                 nonlinearity="tanh"):
+                 nonlinearity="tanh", hidden_size=HIDDEN_SIZE):
         super().__init__()
-        self.rnn = rnn_class(INPUT_SIZE, HIDDEN_SIZE, num_layers, nonlinearity,
+        self.rnn = rnn_class(INPUT_SIZE, hidden_size, num_layers, nonlinearity,
                              batch_first=batch_first, bidirectional=bidirectional)
-        self.head = nn.Linear(HIDDEN_SIZE * (2 if bidirectional else 1), CLASSES)
+        self.head = nn.Linear(hidden_size * (2 if bidirectional else 1), CLASSES)
 
     def forward(self, x, hx=None):
         output, h_n = self.rnn(x, hx)
@@ -45,13 +41,13 @@ def make_tagger(rnn_class, device, dtype=torch.float64, seed=0, **config):
 
 
 def random_inputs(seed, batch, steps, num_layers, bidirectional, batch_first, device,
-                  dtype=torch.float64, with_hx=True, unbatched=False):
+                  dtype=torch.float64, with_hx=True, unbatched=False, hidden_size=HIDDEN_SIZE):
     generator = torch.Generator().manual_seed(seed)
     if unbatched:
-        x_shape, hx_shape = (steps, INPUT_SIZE), (num_layers * (1 + bidirectional), HIDDEN_SIZE)
+        x_shape, hx_shape = (steps, INPUT_SIZE), (num_layers * (1 + bidirectional), hidden_size)
     else:
         x_shape = (batch, steps, INPUT_SIZE) if batch_first else (steps, batch, INPUT_SIZE)
-        hx_shape = (num_layers * (1 + bidirectional), batch, HIDDEN_SIZE)
+        hx_shape = (num_layers * (1 + bidirectional), batch, hidden_size)
     x = torch.randn(x_shape, generator=generator, dtype=torch.float64)
     hx = 0.5 * torch.randn(hx_shape, generator=generator, dtype=torch.float64)
     return x.to(device, dtype), (hx.to(device, dtype) if with_hx else None)
@@ -81,7 +77,8 @@ def assert_all_close(actual, expected, tolerance):
 def compile_counter(backend):
     """A backend that counts Dynamo's calls and keeps their graphs. Imported here, not at the top,
     because the DDP test's spawned workers import this file and need only torch."""
-    from torch._dynamo.testing import CompileCounterWithBackend
+    with skip_if_expecttest_missing():
+        from torch._dynamo.testing import CompileCounterWithBackend
 
     return CompileCounterWithBackend(backend)
 
@@ -287,13 +284,10 @@ def test_export_packed_sequence_matches_eager(device):
 
 
 def autocast_pair(model_dtype, device, num_layers=2, bidirectional=True):
-    torch.manual_seed(0)
-    ours = rnn_ext.RNN(INPUT_SIZE, HIDDEN_SIZE, num_layers, batch_first=True,
-                       bidirectional=bidirectional).to(device, model_dtype)
-    theirs = nn.RNN(INPUT_SIZE, HIDDEN_SIZE, num_layers, batch_first=True,
-                    bidirectional=bidirectional).to(device, model_dtype)
-    theirs.load_state_dict(ours.state_dict())
-    return ours, theirs
+    """(rnn_ext.RNN, nn.RNN) with the same weights, in model_dtype on device."""
+    pair = ours_and_reference(INPUT_SIZE, HIDDEN_SIZE, num_layers, batch_first=True,
+                              bidirectional=bidirectional)
+    return tuple(module.to(device, model_dtype) for module in pair)
 
 
 def run_under_autocast(model, device_type, autocast_dtype, x):
@@ -314,25 +308,25 @@ def assert_close_to_scale(actual, expected, rtol, name):
 
 
 def assert_autocast_matches_nn_rnn(device, autocast_dtype, model_dtype, input_dtype):
-    ours, theirs = autocast_pair(model_dtype, device)
+    ours, reference = autocast_pair(model_dtype, device)
     x = torch.randn(3, 7, INPUT_SIZE, dtype=torch.float64).to(device, input_dtype)
     our_out, our_h, our_dx, our_grads = run_under_autocast(ours, device, autocast_dtype, x)
-    their_out, their_h, their_dx, their_grads = run_under_autocast(theirs, device,
-                                                                   autocast_dtype, x)
-    assert (our_out.dtype, our_h.dtype) == (their_out.dtype, their_h.dtype)
+    reference_out, reference_h, reference_dx, reference_grads = run_under_autocast(
+        reference, device, autocast_dtype, x)
+    assert (our_out.dtype, our_h.dtype) == (reference_out.dtype, reference_h.dtype)
     # Both sides round to the half type at different points, so they agree to its precision
     # (measured: at most 1.2e-2 of the scale for bfloat16, 6e-3 for float16).
-    low_precision = their_out.dtype in (torch.float16, torch.bfloat16)
+    low_precision = reference_out.dtype in (torch.float16, torch.bfloat16)
     rtol = 3e-2 if low_precision else 1e-10
-    assert_close_to_scale(our_out, their_out, rtol, "output")
-    assert_close_to_scale(our_h, their_h, rtol, "h_n")
-    assert our_dx.dtype == their_dx.dtype == input_dtype
-    assert_close_to_scale(our_dx, their_dx, rtol, "input gradient")
+    assert_close_to_scale(our_out, reference_out, rtol, "output")
+    assert_close_to_scale(our_h, reference_h, rtol, "h_n")
+    assert our_dx.dtype == reference_dx.dtype == input_dtype
+    assert_close_to_scale(our_dx, reference_dx, rtol, "input gradient")
     names = [name for name, _ in ours.named_parameters()]
-    for name, ours_grad, theirs_grad in zip(names, our_grads, their_grads):
+    for name, our_grad, reference_grad in zip(names, our_grads, reference_grads):
         # Gradients land in the parameters' own dtype, whatever autocast ran in.
-        assert ours_grad.dtype == theirs_grad.dtype == model_dtype, name
-        assert_close_to_scale(ours_grad, theirs_grad, rtol, name)
+        assert our_grad.dtype == reference_grad.dtype == model_dtype, name
+        assert_close_to_scale(our_grad, reference_grad, rtol, name)
 
 
 AUTOCAST_CASES = {
@@ -467,17 +461,24 @@ def warm_up(function, iterations=3):
     torch.cuda.current_stream().wait_stream(stream)
 
 
+# Under the cuda_regime fixture's cap of 16 units per cooperative block: four blocks per direction,
+# which exchange their states through the grid inside the captured kernels.
+GRAPH_HIDDEN_SIZE = 64
+
+
 @requires_cuda
-def test_cuda_graph_forward_replays_new_inputs():
-    model = make_tagger(rnn_ext.RNN, "cuda", dtype=torch.float32)
-    static_x, static_hx = random_inputs(0, 3, 7, 2, True, True, "cuda", torch.float32)
+def test_cuda_graph_forward_replays_new_inputs(cuda_regime):
+    model = make_tagger(rnn_ext.RNN, "cuda", dtype=torch.float32, hidden_size=GRAPH_HIDDEN_SIZE)
+    static_x, static_hx = random_inputs(0, 3, 7, 2, True, True, "cuda", torch.float32,
+                                        hidden_size=GRAPH_HIDDEN_SIZE)
     with torch.no_grad():
         warm_up(lambda: model(static_x, static_hx))
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_logits, static_h_n = model(static_x, static_hx)
         for seed in (1, 2):
-            x, hx = random_inputs(seed, 3, 7, 2, True, True, "cuda", torch.float32)
+            x, hx = random_inputs(seed, 3, 7, 2, True, True, "cuda", torch.float32,
+                                  hidden_size=GRAPH_HIDDEN_SIZE)
             static_x.copy_(x)
             static_hx.copy_(hx)
             graph.replay()
@@ -487,10 +488,11 @@ def test_cuda_graph_forward_replays_new_inputs():
 
 
 @requires_cuda
-def test_cuda_graph_forward_backward_replays_new_inputs():
-    model = make_tagger(rnn_ext.RNN, "cuda", dtype=torch.float32)
+def test_cuda_graph_forward_backward_replays_new_inputs(cuda_regime):
+    model = make_tagger(rnn_ext.RNN, "cuda", dtype=torch.float32, hidden_size=GRAPH_HIDDEN_SIZE)
     eager_model = copy.deepcopy(model)
-    static_x, static_hx = random_inputs(0, 3, 7, 2, True, True, "cuda", torch.float32)
+    static_x, static_hx = random_inputs(0, 3, 7, 2, True, True, "cuda", torch.float32,
+                                        hidden_size=GRAPH_HIDDEN_SIZE)
     static_x.requires_grad_()
 
     def step():
@@ -507,7 +509,8 @@ def test_cuda_graph_forward_backward_replays_new_inputs():
     with torch.cuda.graph(graph):
         static_logits, static_h_n = step()
     for seed in (1, 2):
-        x, hx = random_inputs(seed, 3, 7, 2, True, True, "cuda", torch.float32)
+        x, hx = random_inputs(seed, 3, 7, 2, True, True, "cuda", torch.float32,
+                              hidden_size=GRAPH_HIDDEN_SIZE)
         with torch.no_grad():
             static_x.copy_(x)
             static_hx.copy_(hx)
