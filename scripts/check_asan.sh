@@ -66,7 +66,7 @@ PRELOAD="$ASAN_RUNTIME $UBSAN_RUNTIME"
 # detect_leaks=0: CPython and torch keep allocations alive until exit by design.
 # allocator_may_return_null=1: malloc/posix_memalign (torch's CPU allocator) of an impossible size
 #   fail with ENOMEM as without ASan, so torch raises its usual out-of-memory RuntimeError. (The
-#   throwing operator new aborts regardless; tests/test_hostile.py skips the one case needing it.)
+#   throwing operator new aborts regardless; tests/test_errors.py skips the one case needing it.)
 # halt_on_error / abort_on_error and UBSan's halt_on_error: the first report ends the run (non-zero).
 export ASAN_OPTIONS="detect_leaks=0:allocator_may_return_null=1:halt_on_error=1:abort_on_error=1:detect_stack_use_after_return=0"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
