@@ -4,9 +4,9 @@
 #
 #   bash benchmarks/gpu_check.sh             # the run (from any folder; it works in the repo root)
 #   bash benchmarks/gpu_check.sh --dry-run   # the stages, commands and timeouts; runs nothing
-#   bash benchmarks/gpu_check.sh --only build,smoke_cooperative,memcheck   # a shorter rerun
+#   GPU_CHECK_BUDGET_S=150 bash benchmarks/gpu_check.sh --only build,tests_rest   # a shorter rerun
 #
-# On the device tool: command `bash benchmarks/gpu_check.sh`, carry ["build-gpu"], timeout_s 480.
+# On a lent GPU machine: this one command, with build-gpu/ carried along and a 480 s limit.
 #
 # Time: the whole run stays within GPU_CHECK_BUDGET_S (default 420 s, at most 480), so that a
 # machine lent for 15 minutes, start-up included, has room for a second, shorter run. Each stage
@@ -16,7 +16,8 @@
 # GPU skips everything that needs them, and a regime whose smoke run hung is left out of the tests
 # and sanitizer runs that follow (they would hang on it too).
 #
-# Outputs, in $OUT (the device tool brings back at most 8 files) and written as the run goes:
+# Outputs, in $OUT (the folder that comes back from the machine, at most 8 files; a temporary
+# folder when unset), written as the run goes:
 #   gpu_check.log          every stage's output, appended while the stage runs
 #   stages.tsv             stage, status, rc, seconds, limit, note; rewritten after every stage
 #   <stamp>-<gpu>.json     the record (scripts/gpu_report.py): stage statuses, versions, device
@@ -114,9 +115,12 @@ if [ "$STEP" = build ]; then
     "$PY" setup.py build_ext --inplace || exit 1
   fi
   "$PY" scripts/gpu_report.py ops || exit 1
-  library="rnn_ext/_C$suffix"
-  if [ -n "${OUT:-}" ] && [ "$(stat -c %s "$library")" -le $((16 * 1024 * 1024)) ]; then
-    cp "$library" "$OUT/rnn_ext_C-$key.so"
+  # Without its host debug information (-g makes it 24 MB, over the 16 MB a returned file may
+  # have); the kernels' line information lives in the fatbinary and stays.
+  copy="${OUT:-}/rnn_ext_C-$key.so"
+  if [ -n "${OUT:-}" ] && strip --strip-debug -o "$copy" "rnn_ext/_C$suffix" &&
+    [ "$(stat -c %s "$copy")" -gt $((16 * 1024 * 1024)) ]; then
+    rm -f "$copy"
   fi
   exit 0
 fi

@@ -137,9 +137,9 @@ def relative_error(actual, expected) -> float:
     return worst
 
 
-def check_case(case: Case, seed: int, sm_count: int, synchronize=None) -> tuple[bool, float]:
-    """Runs the case on CUDA under its regime and compares with the float64 CPU op on the same
-    arguments rounded to the case's dtype. Returns (within tolerance, relative error)."""
+def check_case(case: Case, seed: int, sm_count: int, synchronize=None, device="cuda") -> tuple[bool, float]:
+    """Runs the case on `device` (CUDA, under its regime) and compares with the float64 CPU op on
+    the same arguments rounded to the case's dtype. Returns (within tolerance, relative error)."""
     os.environ["RNN_EXT_CUDA_REGIME"] = case.regime
     max_slice = case.max_slice_for(sm_count)
     if max_slice is None:
@@ -151,8 +151,7 @@ def check_case(case: Case, seed: int, sm_count: int, synchronize=None) -> tuple[
     input, hx, weights, batch_sizes = arguments
     rounded = (input.to(dtype).double(), hx.to(dtype).double(), [w.to(dtype).double() for w in weights], batch_sizes)
     expected = forward_backward("cpu", torch.float64, rounded, case.relu, seed, dtype)
-    actual = forward_backward("cuda", dtype, arguments, case.relu, seed, dtype, synchronize)
-    torch.cuda.synchronize()
+    actual = forward_backward(device, dtype, arguments, case.relu, seed, dtype, synchronize)
     error = relative_error(actual, expected)
     return error <= TOLERANCE[case.dtype], error
 

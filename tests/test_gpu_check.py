@@ -194,6 +194,18 @@ def test_sanitizer_cases_cover_cooperative_row_tiles_and_split_directions(sm_cou
         assert cooperative_layout(case, sm_count)[0] == 1  # one launch per direction
 
 
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_sanitizer_cases_run_and_meet_their_tolerance_on_the_cpu(case, monkeypatch):
+    """The same comparison on the CPU op: the arguments are valid for the op and the tolerance
+    model holds for a correct kernel, so that a GPU failure is the GPU's."""
+    import rnn_ext  # noqa: F401  (registers torch.ops.rnn_ext)
+
+    for name in ("RNN_EXT_CUDA_REGIME", "RNN_EXT_CUDA_MAX_SLICE"):
+        monkeypatch.setenv(name, "")  # restored after the case sets them
+    ok, error = sanitizer_cases.check_case(case, seed=3, sm_count=132, device="cpu")
+    assert ok, f"relative error {error:.2e} over {sanitizer_cases.TOLERANCE[case.dtype]:.0e}"
+
+
 def test_smoke_covers_every_regime(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     smoke = load("gpu_smoke", REPO / "benchmarks" / "gpu_smoke.py")
