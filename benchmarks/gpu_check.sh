@@ -34,7 +34,7 @@
 # Without it the opcheck tests skip and the run goes on.
 set -uo pipefail
 START="$(date +%s)"  # the budget counts from here: set-up time is the run's too
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 ROOT="$PWD"
 SELF="$ROOT/benchmarks/gpu_check.sh"
 PY="${PYTHON:-python3}"
@@ -90,7 +90,7 @@ done
 GRID_FLOAT32="${GRID_FLOAT32%;}"
 GRID_HALF="${GRID_HALF%;}"
 
-# shellcheck source=../scripts/cuda_env.sh
+# shellcheck source=scripts/cuda_env.sh
 source "$ROOT/scripts/cuda_env.sh"
 HAVE_NVCC=1
 cuda_env_setup "$PY" || HAVE_NVCC=0
@@ -134,8 +134,10 @@ fi
 TIMEOUT_PLUGIN=0
 if "$PY" -c 'import pytest_timeout' 2>/dev/null; then TIMEOUT_PLUGIN=1; fi
 SANITIZER_FILTER=(--kernel-name kns=rnn_ext)
-if [ -n "${COMPUTE_SANITIZER:-}" ] && ! "$COMPUTE_SANITIZER" --help 2>&1 | grep -q -- '--kernel-name'; then
-  SANITIZER_FILTER=()  # an older compute-sanitizer: racecheck and synccheck see every kernel
+if [ -n "${COMPUTE_SANITIZER:-}" ] && ((!DRY_RUN)); then
+  sanitizer_help="$("$COMPUTE_SANITIZER" --help 2>&1 || true)"
+  # An older compute-sanitizer: racecheck and synccheck see every kernel.
+  if [[ "$sanitizer_help" != *--kernel-name* ]]; then SANITIZER_FILTER=(); fi
 fi
 HUNG_REGIMES=()
 
@@ -212,6 +214,7 @@ if [ -n "$ONLY" ]; then
 fi
 
 if ((DRY_RUN)); then
+  # shellcheck disable=SC2016  # the commands show where the logs would go
   LOGS='$LOGS'
   echo "gpu_check dry run: budget ${BUDGET} s (GPU_CHECK_BUDGET_S, at most ${MAX_BUDGET}), ${RESERVE} s kept" \
     "for the record, kill-after ${KILL_AFTER} s; nvcc: ${NVCC:-none}, compute-sanitizer: ${COMPUTE_SANITIZER:-none}"

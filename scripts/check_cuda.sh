@@ -12,7 +12,7 @@ VENV="${CUDA_VENV:-.venv-cuda}"
 # make check-cuda passes the Makefile's CUDA_TORCH; this default is for running the script alone.
 CUDA_TORCH="${CUDA_TORCH:-torch==2.14.1}"
 
-# shellcheck source=cuda_env.sh
+# shellcheck source=scripts/cuda_env.sh
 source scripts/cuda_env.sh
 if [ -z "$(cuda_env_find_nvcc)" ]; then
   echo "================================================================================"

@@ -116,45 +116,65 @@ def package_version(name: str) -> str | None:
         return None
 
 
+def touch_device(torch) -> None:
+    """A context and a kernel: the device really works."""
+    torch.ones(1, device="cuda").add_(1)
+    torch.cuda.synchronize()
+
+
 def probe(out: Path | None) -> int:
-    """Prints and records what the run depends on; exits 1 when torch sees no CUDA device."""
+    """Prints and records what the run depends on; exits 1 when torch sees no usable CUDA device.
+    The record is written whatever goes wrong on the way."""
     info: dict = {"versions": {}, "device": {}, "problems": []}
+    try:
+        return probe_into(info)
+    except Exception as error:  # noqa: BLE001  (the record says what went wrong, whatever it was)
+        info["problems"].append(f"preflight: {error!r}")
+        print(f"preflight: PROBLEM: {error!r}", flush=True)
+        return 1
+    finally:
+        if out is not None:
+            out.write_text(json.dumps(info, indent=2) + "\n")
+
+
+def probe_into(info: dict) -> int:
     say = lambda text: print(f"preflight: {text}", flush=True)  # noqa: E731
+    versions = info["versions"]
     smi = run_tool(["nvidia-smi", "-L"])
     say(f"nvidia-smi -L: {smi}")
     info["nvidia_smi"] = smi
     query = run_tool(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"])
-    info["versions"]["driver"] = query.split(",")[1].strip() if query.count(",") >= 2 else None
+    versions["driver"] = query.split(",")[1].strip() if query.count(",") >= 2 else None
     nvcc = re.findall(r"release ([\d.]+)", run_tool(["nvcc", "--version"]))
-    info["versions"]["nvcc"] = nvcc[0] if nvcc else None
+    versions["nvcc"] = nvcc[0] if nvcc else None
     sanitizer_path = os.environ.get("COMPUTE_SANITIZER") or shutil.which("compute-sanitizer") or ""
     sanitizer = run_tool([sanitizer_path, "--version"]) if sanitizer_path else "not found"
-    info["versions"]["compute_sanitizer"] = (re.findall(r"Version ([\w.]+)", sanitizer) or [sanitizer])[0]
+    versions["compute_sanitizer"] = (re.findall(r"Version ([\w.]+)", sanitizer) or [sanitizer])[0]
     info["compute_sanitizer_path"] = sanitizer_path or None
-    info["versions"]["python"] = platform.python_version()
-    for package in ("pytest", "pytest-xdist", "pytest-timeout", "hypothesis", "expecttest", "numpy", "ninja"):
-        info["versions"][package] = package_version(package)
-    say(f"nvcc {info['versions']['nvcc']}, compute-sanitizer {info['versions']['compute_sanitizer']}, "
-        f"driver {info['versions']['driver']}, python {info['versions']['python']}")
-    say("packages: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()
-                                if k in ("pytest", "pytest-xdist", "pytest-timeout", "hypothesis", "expecttest")))
-    if info["versions"]["expecttest"] is None:
+    versions["python"] = platform.python_version()
+    plugins = ("pytest", "pytest-xdist", "pytest-timeout", "hypothesis", "expecttest")
+    for package in plugins + ("numpy", "ninja"):
+        versions[package] = package_version(package)
+    say(f"nvcc {versions['nvcc']}, compute-sanitizer {versions['compute_sanitizer']}, "
+        f"driver {versions['driver']}, python {versions['python']}")
+    say("packages: " + ", ".join(f"{name} {versions[name]}" for name in plugins))
+    if versions["expecttest"] is None:
         info["problems"].append("expecttest is missing: torch.library.opcheck tests skip")
-    try:
-        import torch
 
-        info["versions"]["torch"] = torch.__version__
-        info["versions"]["cuda_runtime"] = torch.version.cuda
-        info["versions"]["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-        cuda = torch.cuda.is_available()
-    except Exception as error:  # noqa: BLE001  (the record says what went wrong, whatever it was)
-        info["problems"].append(f"import torch: {error!r}")
-        cuda = False
-    say(f"torch {info['versions'].get('torch')}, CUDA runtime {info['versions'].get('cuda_runtime')}, "
-        f"cuDNN {info['versions'].get('cudnn')}, CUDA available: {cuda}")
-    if cuda:
+    import torch
+
+    versions["torch"] = torch.__version__
+    versions["cuda_runtime"] = torch.version.cuda
+    versions["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    cuda = torch.cuda.is_available()
+    say(f"torch {versions['torch']}, CUDA runtime {versions['cuda_runtime']}, cuDNN {versions['cudnn']}, "
+        f"CUDA available: {cuda}")
+    if not cuda:
+        info["problems"].append("torch sees no CUDA device")
+    else:
         properties = torch.cuda.get_device_properties(0)
-        device = {
+        device = info["device"]
+        device.update({
             "name": properties.name,
             "capability": f"{properties.major}.{properties.minor}",
             "sm_count": properties.multi_processor_count,
@@ -162,7 +182,7 @@ def probe(out: Path | None) -> int:
             "shared_memory_per_block": getattr(properties, "shared_memory_per_block", None),
             "shared_memory_per_block_optin": getattr(properties, "shared_memory_per_block_optin", None),
             "device_count": torch.cuda.device_count(),
-        }
+        })
         driver = driver_attributes(0)
         if "error" in driver:
             info["problems"].append(driver["error"])
@@ -172,18 +192,12 @@ def probe(out: Path | None) -> int:
                     device[key] = value
                 elif device[key] != value:
                     info["problems"].append(f"{key}: torch says {device[key]}, the driver {value}")
-        info["device"] = device
         say(f"device: {device['name']} (sm_{properties.major}{properties.minor}), {device['sm_count']} SMs, "
             f"{device['total_memory_bytes'] / 2**30:.0f} GiB, shared memory per block opt-in "
             f"{device.get('shared_memory_per_block_optin')} B, cooperative launch {device.get('cooperative_launch')}")
-        torch.ones(1, device="cuda").add_(1)
-        torch.cuda.synchronize()
-    else:
-        info["problems"].append("torch sees no CUDA device")
+        touch_device(torch)
     for problem in info["problems"]:
         say(f"PROBLEM: {problem}")
-    if out is not None:
-        out.write_text(json.dumps(info, indent=2) + "\n")
     return 0 if cuda else 1
 
 

@@ -375,6 +375,53 @@ def test_record_of_an_empty_run(tmp_path):
     assert report.gpu_slug(empty / "preflight.json") == "no-gpu"
 
 
+def test_probe_records_a_gpu_machine(tmp_path, monkeypatch):
+    """The preflight's GPU branch, with torch's and the tools' answers replaced by an H200's."""
+    import torch
+
+    answers = {
+        "nvidia-smi -L": "GPU 0: NVIDIA H200 (UUID: GPU-0)",
+        "nvidia-smi": "NVIDIA H200, 580.159.04, 143771 MiB",
+        "nvcc": "Cuda compilation tools, release 13.0, V13.0.88",
+        "/opt/compute-sanitizer": "NVIDIA (R) Compute Sanitizer\nVersion 2025.3.1.0 (build 123)",
+    }
+    monkeypatch.setattr(report, "run_tool", lambda command, timeout=15: answers.get(
+        " ".join(command[:2]), answers.get(command[0], "not found")))
+    monkeypatch.setenv("COMPUTE_SANITIZER", "/opt/compute-sanitizer")
+    properties = type("Properties", (), dict(
+        name="NVIDIA H200", major=9, minor=0, multi_processor_count=132, total_memory=150_000_000_000,
+        shared_memory_per_block=49152, shared_memory_per_block_optin=232448))()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: properties)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(report, "driver_attributes", lambda ordinal: {
+        "sm_count": 132, "l2_cache_bytes": 62914560, "cooperative_launch": True,
+        "shared_memory_per_block_optin": 232448, "driver_cuda_version": "13.0"})
+    touched = []
+    monkeypatch.setattr(report, "touch_device", lambda torch: touched.append(True))
+    out = tmp_path / "preflight.json"
+    assert report.probe(out) == 0 and touched
+    info = json.loads(out.read_text())
+    assert info["versions"]["driver"] == "580.159.04" and info["versions"]["nvcc"] == "13.0"
+    assert info["versions"]["compute_sanitizer"] == "2025.3.1.0"
+    assert info["device"] == {
+        "name": "NVIDIA H200", "capability": "9.0", "sm_count": 132, "total_memory_bytes": 150_000_000_000,
+        "shared_memory_per_block": 49152, "shared_memory_per_block_optin": 232448, "device_count": 1,
+        "l2_cache_bytes": 62914560, "cooperative_launch": True, "driver_cuda_version": "13.0"}
+    assert report.gpu_slug(out) == "nvidia-h200"
+
+
+def test_probe_writes_its_record_when_it_breaks(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(report, "run_tool", lambda command, timeout=15: "not found")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: 1 / 0)
+    out = tmp_path / "preflight.json"
+    assert report.probe(out) == 1
+    assert any("ZeroDivisionError" in problem for problem in json.loads(out.read_text())["problems"])
+
+
 # ------------------------------------------------------------------------------------------------
 # make check-cuda without nvcc.
 
