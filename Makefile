@@ -57,7 +57,7 @@ check-asan: $(VENV)/.deps-installed
 	bash scripts/check_asan.sh
 
 check-cuda:
-	bash scripts/check_cuda.sh
+	CUDA_TORCH="$(CUDA_TORCH)" bash scripts/check_cuda.sh
 
 clean:
 	rm -rf build build-* $(VENV) .venv-* rnn_ext/*.so *.egg-info
