@@ -12,7 +12,7 @@ TORCH ?= torch==2.13.0
 CUDA_TORCH ?= torch==2.14.1
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-DEPS := ninja pybind11 pytest hypothesis numpy matplotlib tqdm expecttest
+DEPS := ninja pybind11 pytest hypothesis numpy matplotlib tqdm expecttest onnx onnxruntime onnxscript
 SOURCES := $(shell find csrc -type f) setup.py
 EXTENSION := $(VENV)/.rnn_ext-built
 

@@ -3,15 +3,30 @@
 Subclasses nn.RNNBase (not nn.RNN, which Dynamo refuses to trace) so that parameters, init,
 state_dict, repr, flat-weight bookkeeping and argument checks are the installed torch's own.
 """
-from __future__ import annotations
+
+from typing import Optional, Tuple, overload
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence
 
-from .ops import elman_rnn
+from .layers import run_layers
+from .ops import elman_forward
 
 _NONLINEARITY_MODES = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
+
+
+def _plain_eager_call() -> bool:
+    """True outside torch.compile/export, autocast, tracing, torch.func transforms and forward-mode
+    AD: where rnn_ext.RNN may call the fused operator with nothing else to decide."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch._C._is_any_autocast_enabled()
+        or torch._C._are_functorch_transforms_active()
+        or forward_ad._current_level >= 0
+        or torch._C._get_tracing_state() is not None
+    )
 
 
 class RNN(nn.RNNBase):
@@ -38,27 +53,52 @@ class RNN(nn.RNNBase):
             )
         super().__init__(mode, *args, **kwargs)
 
+    @overload
+    @torch._jit_internal._overload_method
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        pass
+
+    @overload
+    @torch._jit_internal._overload_method
+    def forward(self, input: PackedSequence, hx: Optional[Tensor] = None) -> Tuple[PackedSequence, Tensor]:
+        pass
+
     def forward(self, input, hx=None):
+        if not torch.jit.is_scripting():
+            if type(input) is Tensor and input.dim() == 3 and _plain_eager_call():
+                result = self._forward_eager_batched(input, hx)
+                if result is not None:
+                    return result
         self._update_flat_weights()
         directions = 2 if self.bidirectional else 1
-        packed = isinstance(input, PackedSequence)
         is_batched = True
         batch_dim = 0 if self.batch_first else 1
-        sorted_indices = unsorted_indices = batch_sizes = None
-        if packed:
-            input, batch_sizes, sorted_indices, unsorted_indices = input
-            # One read of the packed batch size, as a Python int: under torch.compile (with
-            # capture_scalar_outputs) and torch.export every read of a tensor's value is a new
-            # unknown symbol, and hx's batch must provably be this same one.
-            max_batch_size = batch_sizes[0].item()
+        sorted_indices: Optional[Tensor] = None
+        unsorted_indices: Optional[Tensor] = None
+        batch_sizes: Optional[Tensor] = None
+        if isinstance(input, PackedSequence):
+            packed = True
+            batch_sizes = input.batch_sizes
+            sorted_indices = input.sorted_indices
+            unsorted_indices = input.unsorted_indices
+            data = input.data
+            if torch.jit.is_scripting():
+                max_batch_size = int(input.batch_sizes[0])
+            else:
+                # One read of the packed batch size, as a Python int: under torch.compile (with
+                # capture_scalar_outputs) and torch.export every read of a tensor's value is a
+                # new unknown symbol, and hx's batch must provably be this same one.
+                max_batch_size = input.batch_sizes[0].item()
         else:
-            if input.dim() not in (2, 3):
+            packed = False
+            data = input
+            if data.dim() not in (2, 3):
                 raise ValueError(
-                    f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead"
+                    f"RNN: Expected input to be 2D or 3D, got {data.dim()}D tensor instead"
                 )
-            is_batched = input.dim() == 3
+            is_batched = data.dim() == 3
             if not is_batched:
-                input = input.unsqueeze(batch_dim)
+                data = data.unsqueeze(batch_dim)
                 if hx is not None:
                     if hx.dim() != 2:
                         raise RuntimeError(
@@ -69,33 +109,38 @@ class RNN(nn.RNNBase):
                 raise RuntimeError(
                     f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor"
                 )
-            max_batch_size = input.size(batch_dim)
+            max_batch_size = data.size(batch_dim)
         if hx is None:
             hx = torch.zeros(
                 self.num_layers * directions,
                 max_batch_size,
                 self.hidden_size,
-                dtype=input.dtype,
-                device=input.device,
+                dtype=data.dtype,
+                device=data.device,
             )
         else:
             hx = self.permute_hidden(hx, sorted_indices)
-            if packed and hx.dim() == 3 and torch.compiler.is_compiling():
-                # A user's hx has a known batch, the packed one is an unknown: tell the compiler
-                # they are equal (checked at run time) so the size check below can be traced.
-                torch._check(hx.size(1) == max_batch_size)
+            if not torch.jit.is_scripting():
+                if packed and hx.dim() == 3 and torch.compiler.is_compiling():
+                    # A user's hx has a known batch, the packed one is an unknown: tell the
+                    # compiler they are equal (checked at run time) so the size check below can
+                    # be traced.
+                    torch._check(hx.size(1) == max_batch_size)
 
         # nn.RNNBase.check_forward_args, with the batch read above instead of a second read of
         # batch_sizes[0]: the same checks, in the same order, with the same messages.
-        self.check_input(input, batch_sizes)
+        self.check_input(data, batch_sizes)
         self.check_hidden_size(hx, (self.num_layers * directions, max_batch_size, self.hidden_size))
-        if not packed and input.size(1 - batch_dim) == 0:
+        if not packed and not torch.jit.is_tracing() and data.size(1 - batch_dim) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-        input, hx, weights = self._autocast(input, hx)
+        if torch.jit.is_scripting():
+            weights = self._flat_weights
+        else:
+            data, hx, weights = self._autocast(data, hx)
         if not packed and self.batch_first:
-            input = input.transpose(0, 1)
-        output, hidden = elman_rnn(
-            input,
+            data = data.transpose(0, 1)
+        output, hidden = run_layers(
+            data,
             hx,
             weights,
             self.num_layers,
@@ -107,18 +152,58 @@ class RNN(nn.RNNBase):
         )
         if not packed and self.batch_first:
             output = output.transpose(0, 1)
-        if output.requires_grad:
+        if output.requires_grad or torch.jit.is_tracing():
             # The op saved its output for backward (act' is computed from it). Hand the caller a
             # copy with the same strides, so that in-place use of it (`out += residual`,
-            # Dropout(inplace=True)) works as with nn.RNN, and so that it is not a view.
+            # Dropout(inplace=True)) works as with nn.RNN, and so that it is not a view. A trace
+            # records it whatever requires_grad says: the traced graph must not depend on it.
             output = output.clone()
-        if packed:
-            output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
-            return output, self.permute_hidden(hidden, unsorted_indices)
+        if isinstance(input, PackedSequence):
+            output_packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+            return output_packed, self.permute_hidden(hidden, unsorted_indices)
         if not is_batched:
             output = output.squeeze(batch_dim)
             hidden = hidden.squeeze(1)
         return output, hidden
+
+    @torch.jit.unused
+    def _forward_eager_batched(self, input: Tensor, hx: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
+        """forward for the common call (a batched tensor, eager, no autocast, trace, transform or
+        export active) with the general path's results and less of its Python. Returns None for
+        anything irregular, which the general path then handles or rejects with its messages."""
+        if self._weights_have_changed():
+            self._init_flat_weights()
+        weights = self._flat_weights
+        for weight in weights:
+            if weight is None:
+                return None
+        shape = input.shape
+        if self.batch_first:
+            batch, steps = shape[0], shape[1]
+        else:
+            steps, batch = shape[0], shape[1]
+        if steps == 0 or shape[2] != self.input_size or input.dtype != weights[0].dtype:
+            return None
+        bidirectional = self.bidirectional
+        num_layers = self.num_layers
+        hidden_shape = (num_layers * 2 if bidirectional else num_layers, batch, self.hidden_size)
+        if hx is None:
+            hx = torch.zeros(hidden_shape, dtype=input.dtype, device=input.device)
+        elif hx.shape != hidden_shape:
+            return None
+        relu = self.mode == "RNN_RELU"
+        if self.batch_first:
+            input = input.transpose(0, 1)
+        if num_layers == 1:
+            output, h_n = elman_forward(input, hx, weights, None, relu)
+        else:
+            output, h_n = run_layers(input, hx, weights, num_layers, bidirectional, relu, self.dropout,
+                                     self.training, None)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if output.requires_grad:
+            output = output.clone()  # why: see the general path
+        return output, h_n
 
     def _weights_have_changed(self):
         # nn.RNNBase's version calls hasattr/getattr per weight (Module.__getattr__ is slow); the

@@ -1,6 +1,6 @@
-"""The rnn_ext operators as Python sees them: fake (meta) kernels for tracing, and `elman_rnn`, the
-multi-layer driver the module calls. Autograd is registered in C++ (csrc/autograd.cpp) so that a
-call costs no Python; its backward is the rnn_ext::elman_backward op."""
+"""The rnn_ext operators as Python sees them: fake (meta) kernels for tracing and batching rules for
+torch.vmap. Autograd is registered in C++ (csrc/autograd.cpp) so that a call costs no Python; its
+backward is the rnn_ext::elman_backward op."""
 from __future__ import annotations
 
 import torch
@@ -54,22 +54,77 @@ def _elman_backward_fake(grad_output, grad_h_n, input, hx, weights, output, batc
     return grad_input, grad_hx, grad_weights
 
 
-def elman_rnn(input, hx, flat_weights, num_layers, bidirectional, relu, dropout=0.0, training=False,
-              batch_sizes=None):
-    """A stack of Elman layers over time-major `input` ([T, B, I], or packed [N, I] with
-    `batch_sizes`), like torch's `_VF.rnn_tanh`/`rnn_relu`. Dropout follows every layer but the last
-    when training. Returns (output, h_n)."""
-    directions = 2 if bidirectional else 1
-    per_layer = len(flat_weights) // num_layers
-    layer_input = input
-    final_states = []
-    for layer in range(num_layers):
-        weights = flat_weights[layer * per_layer:(layer + 1) * per_layer]
-        layer_hx = hx if num_layers == 1 else hx[layer * directions:(layer + 1) * directions]
-        layer_output, layer_h_n = elman_forward(layer_input, layer_hx, weights, batch_sizes, relu)
-        final_states.append(layer_h_n)
-        if dropout > 0 and training and layer < num_layers - 1:
-            layer_output = torch.nn.functional.dropout(layer_output, p=dropout, training=True)
-        layer_input = layer_output
-    h_n = final_states[0] if num_layers == 1 else torch.cat(final_states, 0)
-    return layer_input, h_n
+def _take(tensor, dim, index):
+    return tensor if dim is None else tensor.select(dim, index)
+
+
+def _stack_per_sample(info, in_dims, op, args):
+    """The batching rule of last resort: one call of `op` per sample, results stacked on dim 0.
+    Exact for any mix of batched arguments; `args` follow the op's schema (lists are Tensor[])."""
+    results = []
+    for index in range(info.batch_size):
+        sample_args = []
+        for arg, dim in zip(args, in_dims):
+            if isinstance(arg, (list, tuple)):
+                sample_args.append([_take(t, d, index) for t, d in zip(arg, dim)])
+            elif isinstance(arg, torch.Tensor):
+                sample_args.append(_take(arg, dim, index))
+            else:
+                sample_args.append(arg)
+        results.append(op(*sample_args))
+    stacked = []
+    for parts in zip(*results):
+        if isinstance(parts[0], (list, tuple)):
+            stacked.append([torch.stack(group) for group in zip(*parts)])
+        else:
+            stacked.append(torch.stack(parts))
+    dims = tuple([0] * len(value) if isinstance(value, list) else 0 for value in stacked)
+    return tuple(stacked), dims
+
+
+@torch.library.register_vmap("rnn_ext::elman_forward")
+def _elman_forward_vmap(info, in_dims, input, hx, weights, batch_sizes, relu):
+    input_dim, hx_dim, weight_dims, sizes_dim, _ = in_dims
+    if sizes_dim is not None or any(dim is not None for dim in weight_dims):
+        return _stack_per_sample(info, in_dims, elman_forward, (input, hx, weights, batch_sizes, relu))
+    # Only input and hx carry the vmapped dimension V: fold it into the RNN's batch, as the row
+    # order (b, v), which keeps each step's active rows of a packed batch contiguous. One fused
+    # call does all samples.
+    samples = info.batch_size
+    if input_dim is None:
+        input = input.unsqueeze(-2).expand(*input.shape[:-1], samples, input.shape[-1])
+    else:
+        input = input.movedim(input_dim, input.dim() - 2)
+    if hx_dim is None:
+        hx = hx.unsqueeze(2).expand(hx.shape[0], hx.shape[1], samples, hx.shape[2])
+    else:
+        hx = hx.movedim(hx_dim, 2)
+    directions, batch, hidden = hx.shape[0], hx.shape[1], hx.shape[3]
+    folded_hx = hx.reshape(directions, batch * samples, hidden)
+    if batch_sizes is None:
+        steps = input.shape[0]
+        output, h_n = elman_forward(input.reshape(steps, batch * samples, input.shape[-1]), folded_hx,
+                                    weights, None, relu)
+        output = output.view(steps, batch, samples, output.shape[-1])
+        output_dim = 2
+    else:
+        rows = input.shape[0]
+        output, h_n = elman_forward(input.reshape(rows * samples, input.shape[-1]), folded_hx, weights,
+                                    batch_sizes * samples, relu)
+        output = output.view(rows, samples, output.shape[-1])
+        output_dim = 1
+    return (output, h_n.view(directions, batch, samples, hidden)), (output_dim, 2)
+
+
+@torch.library.register_vmap("rnn_ext::elman_backward")
+def _elman_backward_vmap(info, in_dims, grad_output, grad_h_n, input, hx, weights, output, batch_sizes,
+                         relu, output_mask):
+    # Weight gradients are sums over the RNN batch, so samples cannot share one call: loop.
+    (grad_input, grad_hx, grad_weights), _ = _stack_per_sample(
+        info, in_dims, elman_backward,
+        (grad_output, grad_h_n, input, hx, weights, output, batch_sizes, relu, output_mask))
+    # Gradients the mask leaves out come back empty and unbatched, as from the op itself.
+    grad_input, input_dim = (grad_input, 0) if output_mask[0] else (grad_input[0], None)
+    grad_hx, hx_dim = (grad_hx, 0) if output_mask[1] else (grad_hx[0], None)
+    weight_dims = [0] * len(grad_weights)
+    return (grad_input, grad_hx, grad_weights), (input_dim, hx_dim, weight_dims)

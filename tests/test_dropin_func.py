@@ -1,0 +1,368 @@
+"""rnn_ext.RNN under torch.func transforms and autograd's own tools (forward AD, batched gradients):
+values compared with nn.RNN, with plain backward, with finite differences or with a Python loop."""
+import itertools
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd import forward_ad
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import rnn_ext
+from rnn_ext.layers import composite_layer
+
+from conftest import DEVICES
+
+CONFIGS = list(itertools.product([1, 2], [False, True], [False, True], ["tanh", "relu"]))
+
+
+def make_pair(config, device="cpu", input_size=3, hidden_size=4, seed=0):
+    layers, bidirectional, batch_first, nonlinearity = config
+    kwargs = dict(num_layers=layers, bidirectional=bidirectional, batch_first=batch_first,
+                  nonlinearity=nonlinearity)
+    torch.manual_seed(seed)
+    ours = rnn_ext.RNN(input_size, hidden_size, **kwargs).to(device=device, dtype=torch.float64)
+    theirs = nn.RNN(input_size, hidden_size, **kwargs).to(device=device, dtype=torch.float64)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def make_input(config, device="cpu", batch=2, steps=5, input_size=3, seed=1):
+    batch_first = config[2]
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, steps, input_size) if batch_first else (steps, batch, input_size)
+    return torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
+
+
+def make_hx(config, device="cpu", batch=2, hidden_size=4, seed=2):
+    layers, bidirectional = config[0], config[1]
+    generator = torch.Generator().manual_seed(seed)
+    shape = (layers * (2 if bidirectional else 1), batch, hidden_size)
+    return torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
+
+
+def loss_of(module, params, x, hx=None):
+    output, h_n = functional_call(module, params, (x,) if hx is None else (x, hx))
+    return (output.sin() * torch.arange(output.numel(), device=x.device).view(output.shape).cos()).sum() \
+        + (h_n ** 2).sum()
+
+
+def params_of(module):
+    return {name: p.detach() for name, p in module.named_parameters()}
+
+
+def fused_op_calls(fn):
+    """How often rnn_ext::elman_forward ran (its fused kernel) while fn() ran."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        fn()
+    return sum(event.count for event in profile.key_averages() if event.key == "rnn_ext::elman_forward")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("with_hx", [False, True])
+def test_func_grad_matches_nn_rnn_and_backward(device, config, with_hx):
+    ours, theirs = make_pair(config, device)
+    x = make_input(config, device)
+    hx = make_hx(config, device) if with_hx else None
+    ours_grads = grad(lambda p: loss_of(ours, p, x, hx))(params_of(ours))
+    theirs_grads = grad(lambda p: loss_of(theirs, p, x, hx))(params_of(theirs))
+    loss_of(ours, dict(ours.named_parameters()), x, hx).backward()  # the fused kernels
+    for name, parameter in ours.named_parameters():
+        torch.testing.assert_close(ours_grads[name], theirs_grads[name], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ours_grads[name], parameter.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", CONFIGS[::3])
+def test_vjp_jacrev_jacfwd_jvp_hessian_match_nn_rnn(device, config):
+    ours, theirs = make_pair(config, device)
+    x = make_input(config, device, batch=2, steps=3)
+    hx = make_hx(config, device)
+    tangent = torch.randn_like(x)
+
+    def outputs(module):
+        return lambda inp: module(inp, hx)[0]
+
+    def scalar(module):
+        return lambda inp: loss_of(module, params_of(module), inp, hx)
+
+    for transform in (jacrev, jacfwd, hessian):
+        fn = scalar if transform is hessian else outputs
+        torch.testing.assert_close(transform(fn(ours))(x), transform(fn(theirs))(x), rtol=1e-10, atol=1e-10)
+    ours_out, ours_tangent = jvp(outputs(ours), (x,), (tangent,))
+    theirs_out, theirs_tangent = jvp(outputs(theirs), (x,), (tangent,))
+    torch.testing.assert_close(ours_out, theirs_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours_tangent, theirs_tangent, rtol=1e-10, atol=1e-10)
+    assert ours_tangent.abs().max() > 0.01
+    cotangent = torch.randn_like(ours_out)
+    ours_out, ours_vjp = vjp(outputs(ours), x)
+    theirs_out, theirs_vjp = vjp(outputs(theirs), x)
+    torch.testing.assert_close(ours_vjp(cotangent), theirs_vjp(cotangent), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", CONFIGS[::2])
+def test_forward_ad_tangent_matches_nn_rnn_and_finite_difference(device, config):
+    ours, theirs = make_pair(config, device)
+    x = make_input(config, device)
+    hx = make_hx(config, device)
+    x_tangent, hx_tangent = torch.randn_like(x), torch.randn_like(hx)
+    results = []
+    for module in (ours, theirs):
+        with forward_ad.dual_level():
+            output, h_n = module(forward_ad.make_dual(x, x_tangent), forward_ad.make_dual(hx, hx_tangent))
+            results.append([forward_ad.unpack_dual(output).tangent, forward_ad.unpack_dual(h_n).tangent])
+    for ours_tangent, theirs_tangent in zip(*results):
+        torch.testing.assert_close(ours_tangent, theirs_tangent, rtol=1e-10, atol=1e-10)
+    eps = 1e-6
+    plus, minus = ours(x + eps * x_tangent, hx + eps * hx_tangent), ours(x - eps * x_tangent, hx - eps * hx_tangent)
+    for tangent, high, low in zip(results[0], plus, minus):
+        torch.testing.assert_close(tangent, (high - low) / (2 * eps), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_ad_tangent_on_a_weight(device):
+    config = (2, True, True, "tanh")
+    ours, theirs = make_pair(config, device)
+    x = make_input(config, device)
+    tangent = torch.randn_like(ours.weight_hh_l1)
+    results = []
+    for module in (ours, theirs):
+        with forward_ad.dual_level():
+            params = params_of(module)
+            params["weight_hh_l1"] = forward_ad.make_dual(params["weight_hh_l1"], tangent)
+            output, _ = functional_call(module, params, (x,))
+            results.append(forward_ad.unpack_dual(output).tangent)
+    assert results[0] is not None and results[0].abs().max() > 1e-3
+    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", CONFIGS[::3])
+def test_vectorized_jacobian_matches_nn_rnn_and_runs_the_fused_forward(device, config):
+    ours, theirs = make_pair(config, device)
+    x = make_input(config, device, batch=2, steps=3)
+    hx = make_hx(config, device)
+    jacobians = [torch.autograd.functional.jacobian(lambda inp, h: module(inp, h), (x, hx), vectorize=True)
+                 for module in (ours, theirs)]
+    for ours_part, theirs_part in zip(torch.utils._pytree.tree_leaves(jacobians[0]),
+                                      torch.utils._pytree.tree_leaves(jacobians[1])):
+        torch.testing.assert_close(ours_part, theirs_part, rtol=1e-10, atol=1e-10)
+    assert fused_op_calls(lambda: torch.autograd.functional.jacobian(
+        lambda inp: ours(inp, hx)[0], x, vectorize=True)) == config[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", [(1, False, False, "tanh"), (2, True, True, "relu")])
+def test_gradcheck_with_batched_grad_and_forward_ad(device, config):
+    ours, _ = make_pair(config, device)
+    x = make_input(config, device, batch=2, steps=3).requires_grad_(True)
+    hx = make_hx(config, device).requires_grad_(True)
+    names = [name for name, _ in ours.named_parameters()]
+    weights = [p.detach().clone().requires_grad_(True) for p in ours.parameters()]
+
+    def fn(inp, h, *ws):
+        return functional_call(ours, dict(zip(names, ws)), (inp, h))
+
+    args = (x, hx, *weights)
+    assert torch.autograd.gradcheck(fn, args, check_batched_grad=True, check_forward_ad=True,
+                                    check_backward_ad=True)
+    assert torch.autograd.gradgradcheck(fn, args, check_batched_grad=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", CONFIGS[::2])
+def test_per_sample_grads_by_vmap_match_a_loop(device, config):
+    ours, theirs = make_pair(config, device)
+    batch_first = config[2]
+    samples = 4
+    inputs = make_input((1, False, True, "tanh"), device, batch=samples, steps=5)  # [N, T, I]
+    targets = torch.randn(samples, 5, 4 * (2 if config[1] else 1), dtype=torch.float64, device=device)
+
+    def sample_loss(module):
+        def loss(params, sample, target):
+            sample = sample.unsqueeze(0 if batch_first else 1)
+            output, h_n = functional_call(module, params, (sample,))
+            output = output.squeeze(0 if batch_first else 1)
+            return ((output - target) ** 2).mean() + h_n.pow(2).mean()
+        return loss
+
+    per_sample = vmap(grad(sample_loss(ours)), in_dims=(None, 0, 0))(params_of(ours), inputs, targets)
+    for index in range(samples):
+        # nn.RNN cannot run under vmap(grad); its gradients one sample at a time are the truth.
+        params = dict(theirs.named_parameters())
+        expected = torch.autograd.grad(sample_loss(theirs)(params, inputs[index], targets[index]),
+                                       list(params.values()))
+        for name, value in zip(params, expected):
+            torch.testing.assert_close(per_sample[name][index], value, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vmap_of_forward_matches_a_loop_with_unbatched_samples(device):
+    config = (2, True, False, "tanh")
+    ours, theirs = make_pair(config, device)
+    inputs = torch.randn(3, 5, 2, 3, dtype=torch.float64, device=device)  # 3 samples of [T, B, I]
+    hxs = torch.randn(3, 4, 2, 4, dtype=torch.float64, device=device)
+    outputs, h_ns = vmap(ours)(inputs, hxs)
+    for index in range(3):
+        expected_output, expected_h_n = theirs(inputs[index], hxs[index])
+        torch.testing.assert_close(outputs[index], expected_output, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(h_ns[index], expected_h_n, rtol=1e-10, atol=1e-10)
+
+
+def op_args(device, directions=2, batch=3, steps=4, input_size=3, hidden=5, packed=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
+
+    weights = []
+    for _ in range(directions):
+        weights += [rand(hidden, input_size), rand(hidden, hidden), rand(hidden), rand(hidden)]
+    if packed:
+        lengths = torch.tensor([steps - i % steps for i in range(batch)])
+        padded = rand(steps, batch, input_size)
+        sequence = pack_padded_sequence(padded, lengths, enforce_sorted=False)
+        return sequence.data, rand(directions, batch, hidden), weights, sequence.batch_sizes
+    return rand(steps, batch, input_size), rand(directions, batch, hidden), weights, None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("batched", ["input", "hx", "input+hx", "weights"])
+def test_elman_forward_batching_rule_matches_a_loop(device, packed, batched):
+    samples = 3
+    per_sample = [op_args(device, packed=packed, seed=seed) for seed in range(samples)]
+    base_input, base_hx, base_weights, batch_sizes = per_sample[0]
+    inputs = torch.stack([args[0] for args in per_sample], 1)  # vmapped on dim 1
+    hxs = torch.stack([args[1] for args in per_sample], 2)  # vmapped on dim 2
+    weights = [torch.stack(group) for group in zip(*[args[2] for args in per_sample])]
+    in_input = 1 if "input" in batched else None
+    in_hx = 2 if "hx" in batched else None
+    in_weights = 0 if batched == "weights" else None
+    op = torch.ops.rnn_ext.elman_forward
+
+    def call(inp, h, ws):
+        return op(inp, h, ws, batch_sizes, False)
+
+    output, h_n = vmap(call, in_dims=(in_input, in_hx, in_weights))(
+        inputs if in_input is not None else base_input, hxs if in_hx is not None else base_hx,
+        weights if in_weights is not None else base_weights)
+    for index in range(samples):
+        expected = op(inputs[:, index] if in_input is not None else base_input,
+                      hxs[:, :, index] if in_hx is not None else base_hx,
+                      [w[index] for w in weights] if in_weights is not None else base_weights,
+                      batch_sizes, False)
+        reference = composite_layer(inputs[:, index] if in_input is not None else base_input,
+                                    hxs[:, :, index] if in_hx is not None else base_hx,
+                                    [w[index] for w in weights] if in_weights is not None else base_weights,
+                                    batch_sizes, False)
+        for got, want, truth in zip((output[index], h_n[index]), expected, reference):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(got, truth, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("mask", [(True, True, True), (False, True, False), (True, False, True)])
+def test_elman_backward_batching_rule_matches_a_loop(device, packed, mask):
+    input, hx, weights, batch_sizes = op_args(device, packed=packed)
+    output, _ = torch.ops.rnn_ext.elman_forward(input, hx, weights, batch_sizes, True)
+    generator = torch.Generator().manual_seed(5)
+    grad_outputs = torch.randn((4, *output.shape), generator=generator, dtype=torch.float64).to(device)
+    grad_h_ns = torch.randn((4, *hx.shape), generator=generator, dtype=torch.float64).to(device)
+    op = torch.ops.rnn_ext.elman_backward
+
+    def call(grad_output, grad_h_n):
+        return op(grad_output, grad_h_n, input, hx, weights, output, batch_sizes, True, list(mask))
+
+    grad_input, grad_hx, grad_weights = vmap(call)(grad_outputs, grad_h_ns)
+    for index in range(4):
+        want_input, want_hx, want_weights = call(grad_outputs[index], grad_h_ns[index])
+        if mask[0]:
+            torch.testing.assert_close(grad_input[index], want_input, rtol=0, atol=0)
+        else:
+            assert grad_input.numel() == 0
+        if mask[1]:
+            torch.testing.assert_close(grad_hx[index], want_hx, rtol=0, atol=0)
+        else:
+            assert grad_hx.numel() == 0
+        assert len(grad_weights) == (len(weights) if mask[2] else 0)
+        for got, want in zip(grad_weights, want_weights):
+            torch.testing.assert_close(got[index], want, rtol=0, atol=0)
+        # and the values are the gradients: against autograd through the composite layer
+        leaves = [t.detach().requires_grad_(True) for t in [input, hx, *weights]]
+        ref_output, ref_h_n = composite_layer(leaves[0], leaves[1], leaves[2:], batch_sizes, True)
+        truth = torch.autograd.grad((ref_output, ref_h_n), leaves, (grad_outputs[index], grad_h_ns[index]))
+        if mask[0]:
+            torch.testing.assert_close(grad_input[index], truth[0], rtol=1e-10, atol=1e-10)
+        if mask[2]:
+            for got, want in zip(grad_weights, truth[2:]):
+                torch.testing.assert_close(got[index], want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+def test_composite_layer_matches_the_fused_op(packed, relu):
+    input, hx, weights, batch_sizes = op_args("cpu", packed=packed, batch=4, steps=5)
+    for got, want in zip(composite_layer(input, hx, weights, batch_sizes, relu),
+                         torch.ops.rnn_ext.elman_forward(input, hx, weights, batch_sizes, relu)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_plain_call_runs_the_fused_op_and_transforms_do_not():
+    config = (2, False, True, "tanh")
+    ours, _ = make_pair(config)
+    x = make_input(config)
+    assert fused_op_calls(lambda: ours(x)) == 2
+    assert fused_op_calls(lambda: ours(x)[0].sum().backward()) == 2
+    assert fused_op_calls(lambda: grad(lambda p: loss_of(ours, p, x))(params_of(ours))) == 0
+    with forward_ad.dual_level():
+        assert fused_op_calls(lambda: ours(forward_ad.make_dual(x, torch.ones_like(x)))) == 0
+        assert fused_op_calls(lambda: ours(x)) == 2  # a dual level alone changes nothing
+
+
+def test_packed_sequence_under_grad_matches_nn_rnn():
+    config = (2, True, False, "relu")
+    ours, theirs = make_pair(config)
+    padded = make_input(config, batch=3, steps=5)
+    lengths = torch.tensor([5, 2, 4])
+    hx = make_hx(config, batch=3)
+
+    def loss(module):
+        def fn(params):
+            sequence = pack_padded_sequence(padded, lengths, enforce_sorted=False)
+            output, h_n = functional_call(module, params, (sequence, hx))
+            return output.data.sin().sum() + h_n.pow(2).sum()
+        return fn
+
+    ours_grads = grad(loss(ours))(params_of(ours))
+    theirs_grads = torch.autograd.grad(loss(theirs)(dict(theirs.named_parameters())), list(theirs.parameters()))
+    for name, expected in zip(ours_grads, theirs_grads):
+        torch.testing.assert_close(ours_grads[name], expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap", "jvp"])
+def test_bad_input_under_transforms_raises_nn_rnn_error(transform):
+    config = (1, False, False, "tanh")
+    ours, theirs = make_pair(config)
+    x = torch.randn(5, 2, 7, dtype=torch.float64)  # input_size is 3
+
+    def failure(module):
+        fn = {
+            "grad": lambda: grad(lambda inp: module(inp)[0].sum())(x),
+            "vmap": lambda: vmap(module)(x),
+            "jvp": lambda: jvp(lambda inp: module(inp)[0], (x,), (x,)),
+        }[transform]
+        with pytest.raises(Exception) as info:
+            fn()
+        return info
+
+    ours_error = failure(ours)
+    theirs_error = failure(theirs) if transform != "vmap" else None
+    assert ours_error.type is RuntimeError
+    assert "input.size(-1) must be equal to input_size. Expected 3, got 7" in str(ours_error.value)
+    if theirs_error is not None:
+        assert theirs_error.type is ours_error.type and str(theirs_error.value) == str(ours_error.value)
