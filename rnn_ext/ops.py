@@ -3,6 +3,8 @@ torch.vmap. Autograd is registered in C++ (csrc/autograd.cpp) so that a call cos
 backward is the rnn_ext::elman_backward op."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _C  # noqa: F401  (loading the extension registers torch.ops.rnn_ext)
@@ -128,3 +130,66 @@ def _elman_backward_vmap(info, in_dims, grad_output, grad_h_n, input, hx, weight
     grad_hx, hx_dim = (grad_hx, 0) if output_mask[1] else (grad_hx[0], None)
     weight_dims = [0] * len(grad_weights)
     return (grad_input, grad_hx, grad_weights), (input_dim, hx_dim, weight_dims)
+
+
+# torch.autograd.grad(is_grads_batched=True) (jacobian(vectorize=True)) and gradcheck's batched-grad
+# checks batch with torch's older vmap (the Batched dispatch key), whose generic per-sample loop
+# cannot take elman_backward's Tensor[] argument or result. elman_backward on such tensors goes
+# through a private twin with one flat tensor in place of each list, which that loop can batch.
+_library = torch.library.Library("rnn_ext", "FRAGMENT")
+_library.define(
+    "_elman_backward_flat(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor hx,"
+    " Tensor flat_weights, Tensor output, Tensor? batch_sizes, bool relu, bool has_bias,"
+    " bool[3] output_mask) -> Tensor"
+)
+
+
+def _weight_shapes(input, hx, has_bias):
+    directions, hidden, input_size = hx.shape[0], hx.shape[2], input.shape[-1]
+    group = [(hidden, input_size), (hidden, hidden)] + ([(hidden,), (hidden,)] if has_bias else [])
+    return group * directions
+
+
+def _elman_backward_flat(grad_output, grad_h_n, input, hx, flat_weights, output, batch_sizes, relu, has_bias,
+                         output_mask):
+    weights, offset = [], 0
+    for shape in _weight_shapes(input, hx, has_bias):
+        size = math.prod(shape)
+        weights.append(flat_weights.narrow(0, offset, size).view(shape))
+        offset += size
+    grad_input, grad_hx, grad_weights = elman_backward(grad_output, grad_h_n, input, hx, weights, output,
+                                                      batch_sizes, relu, output_mask)
+    return torch.cat([grad_input.reshape(-1), grad_hx.reshape(-1)] + [g.reshape(-1) for g in grad_weights])
+
+
+def _elman_backward_flat_fake(grad_output, grad_h_n, input, hx, flat_weights, output, batch_sizes, relu,
+                              has_bias, output_mask):
+    size = (input.numel() if output_mask[0] else 0) + (hx.numel() if output_mask[1] else 0)
+    size += flat_weights.numel() if output_mask[2] else 0
+    return flat_weights.new_empty((size,))
+
+
+def _elman_backward_legacy_batched(grad_output, grad_h_n, input, hx, weights, output, batch_sizes, relu,
+                                   output_mask):
+    has_bias = len(weights) == 4 * hx.shape[0]
+    flat_weights = torch.cat([w.reshape(-1) for w in weights])
+    flat = torch.ops.rnn_ext._elman_backward_flat(grad_output, grad_h_n, input, hx, flat_weights, output,
+                                                  batch_sizes, relu, has_bias, output_mask)
+    parts, offset = [], 0
+    for wanted, like in ((output_mask[0], input), (output_mask[1], hx)):
+        if wanted:
+            parts.append(flat.narrow(0, offset, like.numel()).view(like.shape))
+            offset += like.numel()
+        else:
+            parts.append(torch.empty((0,), dtype=like.dtype, device=like.device))
+    grad_weights = []
+    if output_mask[2]:
+        for weight in weights:
+            grad_weights.append(flat.narrow(0, offset, weight.numel()).view(weight.shape))
+            offset += weight.numel()
+    return parts[0], parts[1], grad_weights
+
+
+_library.impl("_elman_backward_flat", _elman_backward_flat, "CompositeExplicitAutograd")
+torch.library.register_fake("rnn_ext::_elman_backward_flat", _elman_backward_flat_fake, lib=_library)
+_library.impl("elman_backward", _elman_backward_legacy_batched, "Batched")
