@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from . import ops  # noqa: F401  (registers torch.ops.rnn_ext)
+from .ops import elman_forward
 from .onnx import export_layers
 
 
@@ -103,9 +103,11 @@ def run_layers(input: Tensor, hx: Tensor, flat_weights: List[Tensor], num_layers
         layer_hx = hx if num_layers == 1 else hx[layer * directions:(layer + 1) * directions]
         if composite:
             layer_output, layer_h_n = composite_layer(layer_input, layer_hx, weights, batch_sizes, relu)
-        else:
+        elif torch.jit.is_scripting():
             layer_output, layer_h_n = torch.ops.rnn_ext.elman_forward(layer_input, layer_hx, weights,
                                                                       batch_sizes, relu)
+        else:
+            layer_output, layer_h_n = elman_forward(layer_input, layer_hx, weights, batch_sizes, relu)
         final_states.append(layer_h_n)
         if dropout > 0 and training and layer < num_layers - 1:
             layer_output = torch.nn.functional.dropout(layer_output, p=dropout, training=True)
