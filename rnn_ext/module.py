@@ -12,6 +12,7 @@ from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence
 
 from .layers import run_layers
+from .onnx import reject_packed_export
 from .ops import elman_forward
 
 _NONLINEARITY_MODES = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
@@ -77,6 +78,9 @@ class RNN(nn.RNNBase):
         unsorted_indices: Optional[Tensor] = None
         batch_sizes: Optional[Tensor] = None
         if isinstance(input, PackedSequence):
+            if not torch.jit.is_scripting():
+                if torch.onnx.is_in_onnx_export():
+                    reject_packed_export()
             packed = True
             batch_sizes = input.batch_sizes
             sorted_indices = input.sorted_indices

@@ -8,12 +8,16 @@ import torch
 from torch import Tensor
 
 
+def reject_packed_export() -> None:
+    raise RuntimeError(
+        "rnn_ext.RNN: ONNX export of a PackedSequence input is not supported; export the model "
+        "with a padded [batch, seq, feature] (or [seq, batch, feature]) tensor input instead"
+    )
+
+
 def _reject_packed(batch_sizes: Optional[Tensor]) -> None:
     if batch_sizes is not None:
-        raise RuntimeError(
-            "rnn_ext.RNN: ONNX export of a PackedSequence input is not supported; export the model "
-            "with a padded [batch, seq, feature] (or [seq, batch, feature]) tensor input instead"
-        )
+        reject_packed_export()
 
 
 def legacy_layers(input: Tensor, hx: Tensor, flat_weights: List[Tensor], num_layers: int,
