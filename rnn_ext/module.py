@@ -18,16 +18,11 @@ from .ops import elman_forward
 _NONLINEARITY_MODES = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
 
 
-def _plain_eager_call() -> bool:
-    """True outside torch.compile/export, autocast, tracing, torch.func transforms and forward-mode
-    AD: where rnn_ext.RNN may call the fused operator with nothing else to decide."""
-    return not (
-        torch.compiler.is_compiling()
-        or torch._C._is_any_autocast_enabled()
-        or torch._C._are_functorch_transforms_active()
-        or forward_ad._current_level >= 0
-        or torch._C._get_tracing_state() is not None
-    )
+# Looked up once: the eager fast path's checks run on every call.
+_is_compiling = torch.compiler.is_compiling
+_is_any_autocast_enabled = torch._C._is_any_autocast_enabled
+_are_functorch_transforms_active = torch._C._are_functorch_transforms_active
+_get_tracing_state = torch._C._get_tracing_state
 
 
 class RNN(nn.RNNBase):
@@ -66,7 +61,11 @@ class RNN(nn.RNNBase):
 
     def forward(self, input, hx=None):
         if not torch.jit.is_scripting():
-            if type(input) is Tensor and input.dim() == 3 and _plain_eager_call():
+            # The common call: a batched tensor, outside torch.compile/export, autocast, tracing,
+            # torch.func transforms and forward-mode AD. Under Dynamo the first check ends it.
+            if (type(input) is Tensor and input.dim() == 3 and not _is_compiling()
+                    and not _is_any_autocast_enabled() and not _are_functorch_transforms_active()
+                    and forward_ad._current_level < 0 and _get_tracing_state() is None):
                 result = self._forward_eager_batched(input, hx)
                 if result is not None:
                     return result
@@ -160,7 +159,7 @@ class RNN(nn.RNNBase):
             # The op saved its output for backward (act' is computed from it). Hand the caller a
             # copy with the same strides, so that in-place use of it (`out += residual`,
             # Dropout(inplace=True)) works as with nn.RNN, and so that it is not a view. A trace
-            # records it whatever requires_grad says: the traced graph must not depend on it.
+            # records the copy whatever requires_grad says: the traced graph must not depend on it.
             output = output.clone()
         if isinstance(input, PackedSequence):
             output_packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
@@ -192,18 +191,19 @@ class RNN(nn.RNNBase):
         num_layers = self.num_layers
         hidden_shape = (num_layers * 2 if bidirectional else num_layers, batch, self.hidden_size)
         if hx is None:
-            hx = torch.zeros(hidden_shape, dtype=input.dtype, device=input.device)
+            hx = input.new_zeros(hidden_shape)  # cheaper than torch.zeros(dtype=, device=)
         elif hx.shape != hidden_shape:
             return None
         relu = self.mode == "RNN_RELU"
-        if self.batch_first:
+        batch_first = self.batch_first
+        if batch_first:
             input = input.transpose(0, 1)
         if num_layers == 1:
             output, h_n = elman_forward(input, hx, weights, None, relu)
         else:
             output, h_n = run_layers(input, hx, weights, num_layers, bidirectional, relu, self.dropout,
                                      self.training, None)
-        if self.batch_first:
+        if batch_first:
             output = output.transpose(0, 1)
         if output.requires_grad:
             output = output.clone()  # why: see the general path
