@@ -14,6 +14,10 @@ from rnn_ext.layers import composite_layer
 
 from conftest import DEVICES
 
+# CUDA cases are listed (and skipped) everywhere, so that a run without a GPU says so.
+DEVICE_PARAMS = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    "cuda" not in DEVICES, reason="needs a GPU and the CUDA build of rnn_ext"))]
+
 CONFIGS = list(itertools.product([1, 2], [False, True], [False, True], ["tanh", "relu"]))
 
 
@@ -59,7 +63,7 @@ def fused_op_calls(fn):
     return sum(event.count for event in profile.key_averages() if event.key == "rnn_ext::elman_forward")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("with_hx", [False, True])
 def test_func_grad_matches_nn_rnn_and_backward(device, config, with_hx):
@@ -74,7 +78,7 @@ def test_func_grad_matches_nn_rnn_and_backward(device, config, with_hx):
         torch.testing.assert_close(ours_grads[name], parameter.grad, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("config", CONFIGS[::3])
 def test_vjp_jacrev_jacfwd_jvp_hessian_match_nn_rnn(device, config):
     ours, theirs = make_pair(config, device)
@@ -91,6 +95,17 @@ def test_vjp_jacrev_jacfwd_jvp_hessian_match_nn_rnn(device, config):
     for transform in (jacrev, jacfwd, hessian):
         fn = scalar if transform is hessian else outputs
         torch.testing.assert_close(transform(fn(ours))(x), transform(fn(theirs))(x), rtol=1e-10, atol=1e-10)
+    def of_recurrent_bias(module):
+        def fn(bias):
+            params = params_of(module)
+            params["bias_hh_l0"] = bias
+            return loss_of(module, params, x, hx)
+        return fn
+
+    ours_hessian = hessian(of_recurrent_bias(ours))(ours.bias_hh_l0.detach())
+    torch.testing.assert_close(ours_hessian, hessian(of_recurrent_bias(theirs))(theirs.bias_hh_l0.detach()),
+                               rtol=1e-10, atol=1e-10)
+    assert ours_hessian.abs().max() > 1e-3
     ours_out, ours_tangent = jvp(outputs(ours), (x,), (tangent,))
     theirs_out, theirs_tangent = jvp(outputs(theirs), (x,), (tangent,))
     torch.testing.assert_close(ours_out, theirs_out, rtol=1e-10, atol=1e-10)
@@ -102,7 +117,7 @@ def test_vjp_jacrev_jacfwd_jvp_hessian_match_nn_rnn(device, config):
     torch.testing.assert_close(ours_vjp(cotangent), theirs_vjp(cotangent), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("config", CONFIGS[::2])
 def test_forward_ad_tangent_matches_nn_rnn_and_finite_difference(device, config):
     ours, theirs = make_pair(config, device)
@@ -122,7 +137,7 @@ def test_forward_ad_tangent_matches_nn_rnn_and_finite_difference(device, config)
         torch.testing.assert_close(tangent, (high - low) / (2 * eps), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
 def test_forward_ad_tangent_on_a_weight(device):
     config = (2, True, True, "tanh")
     ours, theirs = make_pair(config, device)
@@ -139,7 +154,7 @@ def test_forward_ad_tangent_on_a_weight(device):
     torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("config", CONFIGS[::3])
 def test_vectorized_jacobian_matches_nn_rnn_and_runs_the_fused_forward(device, config):
     ours, theirs = make_pair(config, device)
@@ -154,7 +169,7 @@ def test_vectorized_jacobian_matches_nn_rnn_and_runs_the_fused_forward(device, c
         lambda inp: ours(inp, hx)[0], x, vectorize=True)) == config[0]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("config", [(1, False, False, "tanh"), (2, True, True, "relu")])
 def test_gradcheck_with_batched_grad_and_forward_ad(device, config):
     ours, _ = make_pair(config, device)
@@ -172,7 +187,7 @@ def test_gradcheck_with_batched_grad_and_forward_ad(device, config):
     assert torch.autograd.gradgradcheck(fn, args, check_batched_grad=True)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("config", CONFIGS[::2])
 def test_per_sample_grads_by_vmap_match_a_loop(device, config):
     ours, theirs = make_pair(config, device)
@@ -199,7 +214,7 @@ def test_per_sample_grads_by_vmap_match_a_loop(device, config):
             torch.testing.assert_close(per_sample[name][index], value, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
 def test_vmap_of_forward_matches_a_loop_with_unbatched_samples(device):
     config = (2, True, False, "tanh")
     ours, theirs = make_pair(config, device)
@@ -229,7 +244,7 @@ def op_args(device, directions=2, batch=3, steps=4, input_size=3, hidden=5, pack
     return rand(steps, batch, input_size), rand(directions, batch, hidden), weights, None
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("batched", ["input", "hx", "input+hx", "weights"])
 def test_elman_forward_batching_rule_matches_a_loop(device, packed, batched):
@@ -264,7 +279,7 @@ def test_elman_forward_batching_rule_matches_a_loop(device, packed, batched):
             torch.testing.assert_close(got, truth, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("mask", [(True, True, True), (False, True, False), (True, False, True)])
 def test_elman_backward_batching_rule_matches_a_loop(device, packed, mask):

@@ -17,6 +17,10 @@ import rnn_ext
 
 from conftest import DEVICES
 
+# CUDA cases are listed (and skipped) everywhere, so that a run without a GPU says so.
+DEVICE_PARAMS = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    "cuda" not in DEVICES, reason="needs a GPU and the CUDA build of rnn_ext"))]
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -68,7 +72,7 @@ def assert_all_close(actual, expected, tol=1e-10):
         torch.testing.assert_close(a, e, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("kwargs", [dict(), dict(num_layers=2, bidirectional=True, batch_first=True),
                                     dict(nonlinearity="relu", num_layers=3, bias=False)])
 def test_scripted_rnn_matches_eager_and_nn_rnn(device, kwargs):
@@ -95,7 +99,7 @@ def test_scripted_rnn_matches_eager_and_nn_rnn(device, kwargs):
     torch.testing.assert_close(dx, x.grad, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("with_hx", [False, True])
 def test_scripted_packed_model_matches_nn_rnn(device, with_hx):
     torch.manual_seed(0)
@@ -147,7 +151,7 @@ def test_scripted_model_save_load_round_trip_and_fresh_process(tmp_path):
     assert result.returncode != 0 and "rnn_ext::elman_forward" in result.stderr
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
 def test_trace_passes_default_checks_and_generalises(device):
     torch.manual_seed(0)
     model = Tagger(rnn_ext.RNN).to(device=device, dtype=torch.float64)
