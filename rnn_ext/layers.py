@@ -5,6 +5,8 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.autograd import forward_ad
 
 from .ops import elman_forward
@@ -68,11 +70,14 @@ def composite_layer(input: Tensor, hx: Tensor, weights: List[Tensor], batch_size
 
 @torch.jit.unused
 def needs_composite(input: Tensor, hx: Tensor, weights: List[Tensor]) -> bool:
-    """True where the fused operator cannot serve the caller: inside a torch.func transform
-    (grad, vjp, jacrev, jacfwd, jvp, hessian, vmap) or when a forward-mode AD tangent rides on an
-    argument. Eager calls outside both pay two cheap checks."""
+    """True where the fused operator cannot serve the caller: inside a torch.func transform other
+    than vmap (grad, vjp, jacrev, jacfwd, jvp, hessian), or when a forward-mode AD tangent rides on
+    an argument. Under vmap alone the operators' batching rules keep the fused kernels. Eager
+    calls outside all of these pay two cheap checks."""
     if torch._C._are_functorch_transforms_active():
-        return True
+        for interpreter in retrieve_all_functorch_interpreters():
+            if interpreter.key() != TransformType.Vmap:
+                return True
     if forward_ad._current_level < 0:
         return False
     for tensor in [input, hx] + list(weights):

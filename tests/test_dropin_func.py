@@ -221,10 +221,16 @@ def test_vmap_of_forward_matches_a_loop_with_unbatched_samples(device):
     inputs = torch.randn(3, 5, 2, 3, dtype=torch.float64, device=device)  # 3 samples of [T, B, I]
     hxs = torch.randn(3, 4, 2, 4, dtype=torch.float64, device=device)
     outputs, h_ns = vmap(ours)(inputs, hxs)
+    (outputs.sin().sum() + h_ns.sum()).backward()  # plain autograd through the batching rule
     for index in range(3):
         expected_output, expected_h_n = theirs(inputs[index], hxs[index])
         torch.testing.assert_close(outputs[index], expected_output, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(h_ns[index], expected_h_n, rtol=1e-10, atol=1e-10)
+        (expected_output.sin().sum() + expected_h_n.sum()).backward()
+    for ours_param, theirs_param in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(ours_param.grad, theirs_param.grad, rtol=1e-10, atol=1e-10)
+    # vmap alone keeps the fused kernel: the batching rule folds the samples into one call
+    assert fused_op_calls(lambda: vmap(ours)(inputs, hxs)) >= config[0]
 
 
 def op_args(device, directions=2, batch=3, steps=4, input_size=3, hidden=5, packed=False, seed=0):
@@ -334,6 +340,8 @@ def test_plain_call_runs_the_fused_op_and_transforms_do_not():
     assert fused_op_calls(lambda: ours(x)) == 2
     assert fused_op_calls(lambda: ours(x)[0].sum().backward()) == 2
     assert fused_op_calls(lambda: grad(lambda p: loss_of(ours, p, x))(params_of(ours))) == 0
+    assert fused_op_calls(lambda: vmap(grad(lambda p, sample: loss_of(ours, p, sample)),
+                                       in_dims=(None, 0))(params_of(ours), x.unsqueeze(0))) == 0
     with forward_ad.dual_level():
         assert fused_op_calls(lambda: ours(forward_ad.make_dual(x, torch.ones_like(x)))) == 0
         assert fused_op_calls(lambda: ours(x)) == 2  # a dual level alone changes nothing
