@@ -99,6 +99,14 @@ def run_layers(input: Tensor, hx: Tensor, flat_weights: List[Tensor], num_layers
                                  training, batch_sizes)
         if not torch.compiler.is_compiling():
             composite = needs_composite(input, hx, flat_weights)
+    return stack_layers(input, hx, flat_weights, num_layers, bidirectional, relu, dropout, training,
+                        batch_sizes, composite)
+
+
+def stack_layers(input: Tensor, hx: Tensor, flat_weights: List[Tensor], num_layers: int,
+                 bidirectional: bool, relu: bool, dropout: float, training: bool,
+                 batch_sizes: Optional[Tensor], composite: bool) -> Tuple[Tensor, Tensor]:
+    """run_layers once the path is chosen: each layer by composite_layer or by the fused op."""
     directions = 2 if bidirectional else 1
     per_layer = len(flat_weights) // num_layers
     layer_input = input

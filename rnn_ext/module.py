@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence
 
-from .layers import run_layers
+from .layers import run_layers, stack_layers
 from .onnx import reject_packed_export
 from .ops import elman_forward
 
@@ -62,7 +62,8 @@ class RNN(nn.RNNBase):
     def forward(self, input, hx=None):
         if not torch.jit.is_scripting():
             # The common call: a batched tensor, outside torch.compile/export, autocast, tracing,
-            # torch.func transforms and forward-mode AD. Under Dynamo the first check ends it.
+            # torch.func transforms and forward-mode AD. Under Dynamo, is_compiling() ends it
+            # before the checks Dynamo cannot trace.
             if (type(input) is Tensor and input.dim() == 3 and not _is_compiling()
                     and not _is_any_autocast_enabled() and not _are_functorch_transforms_active()
                     and forward_ad._current_level < 0 and _get_tracing_state() is None):
@@ -201,8 +202,8 @@ class RNN(nn.RNNBase):
         if num_layers == 1:
             output, h_n = elman_forward(input, hx, weights, None, relu)
         else:
-            output, h_n = run_layers(input, hx, weights, num_layers, bidirectional, relu, self.dropout,
-                                     self.training, None)
+            output, h_n = stack_layers(input, hx, weights, num_layers, bidirectional, relu,
+                                       self.dropout, self.training, None, False)
         if batch_first:
             output = output.transpose(0, 1)
         if output.requires_grad:

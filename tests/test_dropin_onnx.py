@@ -153,3 +153,19 @@ def test_packed_sequence_export_is_refused_clearly(dynamo):
     example = (torch.randn(4, 2, 3), torch.tensor([4, 2]))
     with pytest.raises(Exception, match="ONNX export of a PackedSequence input is not supported"):
         torch.onnx.export(Packed(), example, io.BytesIO() if not dynamo else None, dynamo=dynamo)
+
+
+def test_nn_rnn_exports_an_unrolled_graph_with_the_dynamo_exporter():
+    # What ours is measured against: nn.RNN's dynamo export runs, but unrolled over the example's
+    # length (no RNN node), so only that length runs.
+    _, theirs = make_case("relu", 2, True, False, True)
+    example = sample_inputs(2, True, False, True, 2, 5, 0)
+    program = torch.onnx.export(theirs, example, dynamo=True)
+    model_bytes = program.model_proto.SerializeToString()
+    assert rnn_nodes(model_bytes) == []
+    names = [value.name for value in onnx.load_from_string(model_bytes).graph.input]
+    inputs = sample_inputs(2, True, False, True, 2, 5, 7)
+    with torch.no_grad():
+        expected = theirs(*inputs)
+    for value, want in zip(run_in_onnxruntime(model_bytes, names, inputs), expected):
+        torch.testing.assert_close(torch.from_numpy(value), want, rtol=1e-5, atol=1e-5)

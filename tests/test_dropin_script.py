@@ -163,6 +163,7 @@ def test_trace_passes_default_checks_and_generalises(device):
     other = torch.randn(3, 4, 3, dtype=torch.float64, device=device)  # another batch and length
     assert_all_close(traced(x), reference(x))
     assert_all_close(traced(other), reference(other))
+    assert_all_close(torch.jit.trace(reference, (x,))(other), reference(other))
     with torch.no_grad():
         assert_all_close(traced(other), reference(other))
     buffer = io.BytesIO()
