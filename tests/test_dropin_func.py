@@ -4,19 +4,16 @@ import itertools
 
 import pytest
 import torch
-from torch import nn
 from torch.autograd import forward_ad
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 from torch.nn.utils.rnn import pack_padded_sequence
 
-import rnn_ext
 from rnn_ext.layers import composite_layer
 
-from conftest import DEVICES
+from helpers import layer_on, ours_and_reference, random_layer, requires_cuda
 
 # CUDA cases are listed (and skipped) everywhere, so that a run without a GPU says so.
-DEVICE_PARAMS = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    "cuda" not in DEVICES, reason="needs a GPU and the CUDA build of rnn_ext"))]
+DEVICE_PARAMS = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 CONFIGS = list(itertools.product([1, 2], [False, True], [False, True], ["tanh", "relu"]))
 
@@ -25,11 +22,8 @@ def make_pair(config, device="cpu", input_size=3, hidden_size=4, seed=0):
     layers, bidirectional, batch_first, nonlinearity = config
     kwargs = dict(num_layers=layers, bidirectional=bidirectional, batch_first=batch_first,
                   nonlinearity=nonlinearity)
-    torch.manual_seed(seed)
-    ours = rnn_ext.RNN(input_size, hidden_size, **kwargs).to(device=device, dtype=torch.float64)
-    theirs = nn.RNN(input_size, hidden_size, **kwargs).to(device=device, dtype=torch.float64)
-    theirs.load_state_dict(ours.state_dict())
-    return ours, theirs
+    ours, theirs = ours_and_reference(input_size, hidden_size, seed=seed, **kwargs)
+    return ours.to(device=device, dtype=torch.float64), theirs.to(device=device, dtype=torch.float64)
 
 
 def make_input(config, device="cpu", batch=2, steps=5, input_size=3, seed=1):
@@ -233,21 +227,12 @@ def test_vmap_of_forward_matches_a_loop_with_unbatched_samples(device):
     assert fused_op_calls(lambda: vmap(ours)(inputs, hxs)) >= config[0]
 
 
-def op_args(device, directions=2, batch=3, steps=4, input_size=3, hidden=5, packed=False, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        return torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
-
-    weights = []
-    for _ in range(directions):
-        weights += [rand(hidden, input_size), rand(hidden, hidden), rand(hidden), rand(hidden)]
-    if packed:
-        lengths = torch.tensor([steps - i % steps for i in range(batch)])
-        padded = rand(steps, batch, input_size)
-        sequence = pack_padded_sequence(padded, lengths, enforce_sorted=False)
-        return sequence.data, rand(directions, batch, hidden), weights, sequence.batch_sizes
-    return rand(steps, batch, input_size), rand(directions, batch, hidden), weights, None
+def op_args(device, batch=3, steps=4, packed=False, seed=0):
+    """Arguments of one bidirectional elman_forward call with bias, on device; packed ones have the
+    same batch sizes whatever the seed (lengths steps, steps - 1, ..., 1)."""
+    lengths = tuple(steps - i for i in range(batch - 1)) + (1,) if packed else None
+    return layer_on(random_layer(seed, steps=steps, batch=batch, directions=2, packed_lengths=lengths),
+                    device)
 
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)

@@ -15,21 +15,17 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnn_ext
 
-from conftest import DEVICES
+from helpers import ours_and_reference, requires_cuda
 
 # CUDA cases are listed (and skipped) everywhere, so that a run without a GPU says so.
-DEVICE_PARAMS = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    "cuda" not in DEVICES, reason="needs a GPU and the CUDA build of rnn_ext"))]
+DEVICE_PARAMS = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_pair(device="cpu", **kwargs):
-    torch.manual_seed(0)
-    ours = rnn_ext.RNN(3, 4, **kwargs).to(device=device, dtype=torch.float64)
-    theirs = nn.RNN(3, 4, **kwargs).to(device=device, dtype=torch.float64)
-    theirs.load_state_dict(ours.state_dict())
-    return ours, theirs
+    ours, theirs = ours_and_reference(3, 4, **kwargs)
+    return ours.to(device=device, dtype=torch.float64), theirs.to(device=device, dtype=torch.float64)
 
 
 class Holder(nn.Module):
