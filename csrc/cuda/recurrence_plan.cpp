@@ -92,6 +92,7 @@ RecurrencePlan plan_cooperative(const RecurrenceProblem& problem, const DeviceLi
   for (int launch_directions = static_cast<int>(problem.directions); launch_directions >= 1;
        --launch_directions) {
     const int64_t budget = limits.sm_count / launch_directions;  // one block per SM
+    if (budget < 1) continue;  // fewer SMs than directions: one launch per direction
     const int64_t narrowest = ceil_div(hidden, budget);
     // A warp's 32 lanes span 32 units: slices narrower than that leave lanes idle, so the
     // preferred width is 32 (or all of H), widened only when the chip has too few SMs for it.
