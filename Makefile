@@ -5,6 +5,10 @@
 #   make fuzz        the long differential-fuzzing profile
 #   make check-asan  the test suite on an AddressSanitizer + UBSan build
 #   make check-cuda  compile the CUDA sources against the CUDA torch wheel (needs nvcc)
+#   make check-cuda-emulated  run the CUDA kernels on the CPU under a host emulation (needs g++ and
+#                    the CUDA headers, not a GPU)
+#   make check-cuda-races     the emulated kernels under ThreadSanitizer, and proof that a removed
+#                    barrier is caught
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,7 +20,7 @@ DEPS := ninja pybind11 pytest hypothesis numpy matplotlib tqdm expecttest onnx o
 SOURCES := $(shell find csrc -type f) setup.py
 EXTENSION := $(VENV)/.rnn_ext-built
 
-.PHONY: all venv build test demo bench fuzz check-asan check-cuda clean
+.PHONY: all venv build test demo bench fuzz check-asan check-cuda check-cuda-emulated check-cuda-races clean
 
 all: test
 
@@ -58,6 +62,13 @@ check-asan: $(VENV)/.deps-installed
 
 check-cuda:
 	CUDA_TORCH="$(CUDA_TORCH)" bash scripts/check_cuda.sh
+
+check-cuda-emulated: build
+	$(PY) -m pytest -q tests/test_cuda_emulation.py
+
+check-cuda-races:
+	$(PYTHON) tests/cuda_emulation/build.py races
+	$(PYTHON) tests/cuda_emulation/build.py planted
 
 clean:
 	rm -rf build build-* $(VENV) .venv-* rnn_ext/*.so *.egg-info

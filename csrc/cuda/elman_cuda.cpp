@@ -1,6 +1,6 @@
 // CUDA implementation of the rnn_ext layer ops, registered for the CUDA key: argument checks
 // (read_layer_args, shared with the CPU), allocation, the GEMMs through ATen (cuBLAS, so torch's
-// TF32 setting applies to them), and the recurrence kernels of elman_kernels.cu. Everything runs on
+// TF32 setting applies to them), and the recurrence kernels through elman_launch.h. Everything runs on
 // the current stream without a host synchronisation.
 //
 // RNN_EXT_CUDA_REGIME=auto|single_block|cooperative|step_gemm forces a recurrence regime (tests and
@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "../layer_args.h"
-#include "elman_kernels.h"
+#include "elman_launch.h"
 
 namespace rnn_ext {
 namespace {
@@ -37,34 +37,31 @@ gpu::ScalarType kernel_scalar_type(const at::Tensor& input, const char* op_name)
   }
 }
 
-gpu::Regime requested_regime() {
-  const char* value = std::getenv("RNN_EXT_CUDA_REGIME");
-  if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) return gpu::Regime::Auto;
-  if (std::strcmp(value, "single_block") == 0) return gpu::Regime::SingleBlock;
-  if (std::strcmp(value, "cooperative") == 0) return gpu::Regime::Cooperative;
-  if (std::strcmp(value, "step_gemm") == 0) return gpu::Regime::StepGemm;
-  TORCH_CHECK(false, "RNN_EXT_CUDA_REGIME must be auto, single_block, cooperative or step_gemm, got '",
-              value, "'");
-}
-
-int requested_max_slice_width() {
-  const char* value = std::getenv("RNN_EXT_CUDA_MAX_SLICE");
-  if (value == nullptr || *value == '\0') return 0;
-  char* end = nullptr;
-  const long width = std::strtol(value, &end, 10);
-  TORCH_CHECK(end != value && *end == '\0' && width > 0 && width <= (1 << 20),
-              "RNN_EXT_CUDA_MAX_SLICE must be a positive integer, got '", value, "'");
-  return static_cast<int>(width);
-}
-
-gpu::DeviceLimits device_limits() {
-  const cudaDeviceProp* properties = at::cuda::getCurrentDeviceProperties();
-  gpu::DeviceLimits limits;
-  limits.device = c10::cuda::current_device();
-  limits.sm_count = properties->multiProcessorCount;
-  limits.shared_memory_per_block_optin = static_cast<int64_t>(properties->sharedMemPerBlockOptin);
-  limits.cooperative_launch = properties->cooperativeLaunch != 0;
-  return limits;
+// Read per call, so that a test (or a user) can switch them between calls.
+gpu::CudaOptions read_cuda_options() {
+  gpu::CudaOptions options;
+  const char* regime = std::getenv("RNN_EXT_CUDA_REGIME");
+  if (regime == nullptr || *regime == '\0' || std::strcmp(regime, "auto") == 0) {
+    options.regime = gpu::Regime::Auto;
+  } else if (std::strcmp(regime, "single_block") == 0) {
+    options.regime = gpu::Regime::SingleBlock;
+  } else if (std::strcmp(regime, "cooperative") == 0) {
+    options.regime = gpu::Regime::Cooperative;
+  } else if (std::strcmp(regime, "step_gemm") == 0) {
+    options.regime = gpu::Regime::StepGemm;
+  } else {
+    TORCH_CHECK(false, "RNN_EXT_CUDA_REGIME must be auto, single_block, cooperative or step_gemm, got '",
+                regime, "'");
+  }
+  const char* width = std::getenv("RNN_EXT_CUDA_MAX_SLICE");
+  if (width != nullptr && *width != '\0') {
+    char* end = nullptr;
+    const long value = std::strtol(width, &end, 10);
+    TORCH_CHECK(end != width && *end == '\0' && value > 0 && value <= (1 << 20),
+                "RNN_EXT_CUDA_MAX_SLICE must be a positive integer, got '", width, "'");
+    options.max_slice_width = static_cast<int>(value);
+  }
+  return options;
 }
 
 bool stream_is_capturing(cudaStream_t stream) {
@@ -97,12 +94,14 @@ struct Recurrence {
   const char* op_name;
   const LayerArgs& args;
   gpu::RecurrenceProblem problem;
+  gpu::DeviceLimits limits;           // of the current device (the caller's CUDAGuard)
   std::vector<at::Tensor> weight_hh;  // contiguous, per direction
   at::Tensor packed_steps;            // packed input only
   cudaStream_t stream;
 
   Recurrence(const char* op_name_, const LayerArgs& args_, gpu::ScalarType type, const at::Device& device)
       : op_name(op_name_), args(args_), stream(at::cuda::getCurrentCUDAStream().stream()) {
+    C10_CUDA_CHECK(gpu::current_device_limits(&limits));
     const ElmanShape& s = args.shape;
     problem.scalar_type = type;
     problem.activation = s.activation;
@@ -122,10 +121,9 @@ struct Recurrence {
   }
 
   gpu::RecurrencePlan plan() const {
-    const gpu::Regime requested = requested_regime();
-    const gpu::RecurrencePlan plan =
-        gpu::plan_recurrence(problem, device_limits(), requested, requested_max_slice_width());
-    TORCH_CHECK(plan.rejected == nullptr, op_name, ": RNN_EXT_CUDA_REGIME=", gpu::regime_name(requested),
+    const gpu::CudaOptions options = read_cuda_options();
+    const gpu::RecurrencePlan plan = gpu::plan_on_device(problem, limits, options);
+    TORCH_CHECK(plan.rejected == nullptr, op_name, ": RNN_EXT_CUDA_REGIME=", gpu::regime_name(options.regime),
                 " cannot run hidden_size=", problem.hidden, ", batch=", problem.batch, ", directions=",
                 problem.directions, " on this device: ", plan.rejected);
     return plan;
@@ -139,7 +137,7 @@ struct Recurrence {
       problem.exchange = exchange.data_ptr();
     }
     for (int64_t first = 0; first < problem.directions; first += plan.launch_directions) {
-      C10_CUDA_CHECK(gpu::launch_recurrence(problem, plan, static_cast<int>(first), stream));
+      C10_CUDA_CHECK(gpu::launch_recurrence(problem, plan, limits, static_cast<int>(first), stream));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }

@@ -1,6 +1,6 @@
-// The CUDA kernels of one Elman layer and the planner that picks how its recurrence runs. No torch
-// headers: this file compiles with nvcc alone. The input projection and all weight/input gradients
-// are GEMMs in the glue (elman_cuda.cpp); here is only the sequential part and its pointwise helpers.
+// The CUDA kernels of one Elman layer and their device helpers, nothing else: no launches, no
+// runtime calls, no torch headers. elman_launch.cu includes it; the host emulation under
+// tests/cuda_emulation/ compiles the same text with g++.
 //
 // The persistent recurrence kernel serves two regimes with one body:
 //  - SingleBlock: each block holds all of W_hh in shared memory and the states of a tile of batch
@@ -9,33 +9,28 @@
 //    through L2 (a double-buffered scratch) and meet at one grid barrier per step.
 // Per step, a block computes u = x A for its units, where x is the state its tile carries and
 // A = W_hh^T (forward: u = h_{t-1} W_hh^T) or A = W_hh (backward: u = dP_t W_hh = dL/dh_{t-1}).
-#include "elman_kernels.h"
+// The input projection and all weight/input gradients are GEMMs in the glue (elman_cuda.cpp).
+#pragma once
 
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
-#include <algorithm>
-#include <map>
-#include <mutex>
-#include <utility>
+#include <cstdint>
 
 #include "../elman.h"
+#include "kernel_args.h"
+#include "recurrence_plan.h"
+
+// The block's dynamic shared memory. The host emulation defines it first, to give each emulated
+// block a buffer of its own.
+#ifndef RNN_EXT_DYNAMIC_SHARED_MEMORY
+#define RNN_EXT_DYNAMIC_SHARED_MEMORY(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
 
 namespace rnn_ext {
 namespace gpu {
 namespace {
-
-constexpr int kWarpSize = 32;
-constexpr int kMaxWarps = 16;
-constexpr int kMaxThreads = kWarpSize * kMaxWarps;
-// (row, unit) elements one thread finishes per tile: its pre-loaded operands live in registers, so
-// the count is a compile-time bound and the planner keeps tiles within it.
-constexpr int kPostSlots = 4;
-// Batch rows per register tile the kernel is instantiated for.
-constexpr int kBatchTiles[] = {1, 2, 4, 8};
-constexpr int kPointwiseThreads = 256;
 
 // Storage type <-> accumulation type. Half types accumulate in float32, as cuDNN and the CPU do.
 template <typename T>
@@ -91,46 +86,6 @@ __device__ __forceinline__ void load_quad(const __nv_bfloat16* source, float (&v
   value[3] = __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(raw.y >> 16)));
 }
 
-__host__ __device__ constexpr int64_t round_up(int64_t value, int64_t multiple) {
-  return (value + multiple - 1) / multiple * multiple;
-}
-__host__ __device__ constexpr int64_t ceil_div(int64_t value, int64_t divisor) {
-  return (value + divisor - 1) / divisor;
-}
-
-// Shared memory of the recurrence kernel, in this order, each part 16-byte aligned:
-//   weights  [quads][slice_width][4] of T: A's columns of the block's units, four consecutive rows
-//            m of a column side by side so that one vector load fetches them;
-//   states   [batch_tile][hidden4] of Acc: the tile's x (zero past hidden, so quads need no tail);
-//   partials [k_split][batch_tile][slice_width] of Acc: per-warp partial dot products.
-struct SharedLayout {
-  int64_t weights_bytes;
-  int64_t states_bytes;
-  int64_t partials_bytes;
-  __host__ __device__ int64_t total() const { return weights_bytes + states_bytes + partials_bytes; }
-};
-
-__host__ __device__ inline SharedLayout shared_layout(int64_t hidden, int slice_width, int batch_tile,
-                                                      int k_split, int64_t element_bytes,
-                                                      int64_t accumulator_bytes) {
-  const int64_t hidden4 = round_up(hidden, 4);
-  SharedLayout layout;
-  layout.weights_bytes = round_up(hidden4 * slice_width * element_bytes, 16);
-  layout.states_bytes = round_up(batch_tile * hidden4 * accumulator_bytes, 16);
-  layout.partials_bytes = round_up(int64_t(k_split) * batch_tile * slice_width * accumulator_bytes, 16);
-  return layout;
-}
-
-struct RecurrenceArgs {
-  RecurrenceProblem problem;
-  int first_direction;
-  int slice_width;
-  int slices;
-  int rows_per_group;
-  int k_split;
-  bool cooperative;
-};
-
 template <typename T, int kBatchTile>
 __global__ void __launch_bounds__(kMaxThreads, 1) elman_recurrence_kernel(const RecurrenceArgs args) {
   using Acc = typename Scalar<T>::Acc;
@@ -155,7 +110,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) elman_recurrence_kernel(const 
 
   const SharedLayout shared =
       shared_layout(hidden, pitch, kBatchTile, args.k_split, sizeof(T), sizeof(Acc));
-  extern __shared__ __align__(16) unsigned char shared_memory[];
+  RNN_EXT_DYNAMIC_SHARED_MEMORY(shared_memory);
   T* weights = reinterpret_cast<T*>(shared_memory);
   Acc* states = reinterpret_cast<Acc*>(shared_memory + shared.weights_bytes);
   Acc* partials = reinterpret_cast<Acc*>(shared_memory + shared.weights_bytes + shared.states_bytes);
@@ -440,297 +395,6 @@ __global__ void __launch_bounds__(kPointwiseThreads) gather_previous_states_kern
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Host side: kernel lookup, shared-memory opt-in, planning and launches.
-
-int64_t element_bytes(ScalarType type) {
-  switch (type) {
-    case ScalarType::Float64: return 8;
-    case ScalarType::Float32: return 4;
-    default: return 2;
-  }
-}
-
-int64_t accumulator_bytes(ScalarType type) { return type == ScalarType::Float64 ? 8 : 4; }
-
-template <typename T>
-const void* recurrence_kernel_of(int batch_tile) {
-  switch (batch_tile) {
-    case 1: return reinterpret_cast<const void*>(&elman_recurrence_kernel<T, 1>);
-    case 2: return reinterpret_cast<const void*>(&elman_recurrence_kernel<T, 2>);
-    case 4: return reinterpret_cast<const void*>(&elman_recurrence_kernel<T, 4>);
-    default: return reinterpret_cast<const void*>(&elman_recurrence_kernel<T, 8>);
-  }
-}
-
-const void* recurrence_kernel(ScalarType type, int batch_tile) {
-  switch (type) {
-    case ScalarType::Float64: return recurrence_kernel_of<double>(batch_tile);
-    case ScalarType::Float16: return recurrence_kernel_of<__half>(batch_tile);
-    case ScalarType::BFloat16: return recurrence_kernel_of<__nv_bfloat16>(batch_tile);
-    default: return recurrence_kernel_of<float>(batch_tile);
-  }
-}
-
-// A block may use more than 48 KB of dynamic shared memory only after the kernel's limit is raised,
-// once per kernel and device. Raised straight to the device's opt-in maximum, so a later, larger
-// plan needs no second call.
-cudaError_t allow_shared_memory(const void* kernel, const DeviceLimits& limits, int64_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, bool> raised;
-  std::lock_guard<std::mutex> lock(mutex);
-  bool& done = raised[{kernel, limits.device}];
-  if (done) return cudaSuccess;
-  const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(limits.shared_memory_per_block_optin));
-  done = error == cudaSuccess;
-  return error;
-}
-
-int smallest_tile_at_least(int64_t rows) {
-  for (const int tile : kBatchTiles) {
-    if (tile >= rows) return tile;
-  }
-  return kBatchTiles[sizeof(kBatchTiles) / sizeof(kBatchTiles[0]) - 1];
-}
-
-// Warps splitting one unit's dot product: as many as the block allows, but each keeps at least 16
-// rows of A (4 quads) so that the reduction does not outweigh the product.
-int k_split_for(int slice_width, int64_t hidden) {
-  const int unit_groups = static_cast<int>(ceil_div(slice_width, kWarpSize));
-  const int most = std::max(1, kMaxWarps / unit_groups);
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(most, ceil_div(round_up(hidden, 4), 16))));
-}
-
-int threads_for(int slice_width, int k_split) {
-  return static_cast<int>(ceil_div(slice_width, kWarpSize)) * kWarpSize * k_split;
-}
-
-// Finds the widest k-split (at most k_split_for) for which a block of `slice_width` units and a
-// register tile of `tile` rows fits in shared memory, with the tile small enough for the finishing
-// phase's slots. Returns false when none does.
-bool fit_block(const RecurrenceProblem& problem, const DeviceLimits& limits, int slice_width, int tile,
-               RecurrencePlan& plan) {
-  const int unit_groups = static_cast<int>(ceil_div(slice_width, kWarpSize));
-  if (unit_groups > kMaxWarps) return false;
-  for (int k_split = k_split_for(slice_width, problem.hidden); k_split >= 1; --k_split) {
-    const int threads = threads_for(slice_width, k_split);
-    if (int64_t(tile) * slice_width > int64_t(kPostSlots) * threads) return false;  // fewer warps: worse
-    const int64_t bytes =
-        shared_layout(problem.hidden, slice_width, tile, k_split, element_bytes(problem.scalar_type),
-                      accumulator_bytes(problem.scalar_type))
-            .total();
-    if (bytes > limits.shared_memory_per_block_optin) continue;
-    plan.batch_tile = tile;
-    plan.k_split = k_split;
-    plan.threads = threads;
-    plan.shared_bytes = bytes;
-    return true;
-  }
-  return false;
-}
-
-RecurrencePlan plan_single_block(const RecurrenceProblem& problem, const DeviceLimits& limits) {
-  RecurrencePlan plan;
-  plan.regime = Regime::SingleBlock;
-  if (problem.hidden > int64_t(kMaxWarps) * kWarpSize) {
-    plan.rejected = "hidden_size is larger than one block's units (512)";
-    return plan;
-  }
-  const int width = static_cast<int>(problem.hidden);
-  // Enough rows per block that all blocks run at once, and at least 4 where the batch has them:
-  // up to 4 rows cost about the same per step as 1, since reading W_hh from shared memory is the
-  // bound there.
-  const int64_t rows_for_one_wave = ceil_div(problem.batch * problem.directions, limits.sm_count);
-  int tile = smallest_tile_at_least(std::max<int64_t>(rows_for_one_wave, std::min<int64_t>(problem.batch, 4)));
-  while (tile >= 1 && !fit_block(problem, limits, width, tile, plan)) tile /= 2;
-  if (tile < 1) {
-    plan.rejected = "W_hh does not fit in one block's shared memory on this device";
-    return plan;
-  }
-  plan.slice_width = width;
-  plan.slices = 1;
-  plan.rows_per_group = plan.batch_tile;
-  plan.groups = static_cast<int>(ceil_div(problem.batch, plan.batch_tile));
-  plan.launch_directions = static_cast<int>(problem.directions);
-  plan.rejected = nullptr;
-  return plan;
-}
-
-RecurrencePlan plan_cooperative(const RecurrenceProblem& problem, const DeviceLimits& limits,
-                                int max_slice_width) {
-  RecurrencePlan plan;
-  plan.regime = Regime::Cooperative;
-  if (!limits.cooperative_launch) {
-    plan.rejected = "the device does not support cooperative launches";
-    return plan;
-  }
-  const int64_t hidden = problem.hidden;
-  // Both directions in one grid when the chip holds both; else one launch per direction.
-  for (int launch_directions = static_cast<int>(problem.directions); launch_directions >= 1;
-       --launch_directions) {
-    const int64_t budget = limits.sm_count / launch_directions;  // one block per SM
-    const int64_t narrowest = ceil_div(hidden, budget);
-    // A warp's 32 lanes span 32 units: slices narrower than that leave lanes idle, so the
-    // preferred width is 32 (or all of H), widened only when the chip has too few SMs for it.
-    int64_t widest = std::max<int64_t>(narrowest, std::min<int64_t>(hidden, kWarpSize));
-    if (max_slice_width > 0) widest = std::min<int64_t>(widest, max_slice_width);
-    if (widest < narrowest || widest > int64_t(kMaxWarps) * kWarpSize) continue;
-    // The largest register tile first (each extra tile per step restages the states and rereads
-    // A), then the widest slice that fits with it (fewer slices: less L2 traffic per step).
-    RecurrencePlan candidate = plan;
-    bool fitted = false;
-    for (int tile = smallest_tile_at_least(problem.batch); tile >= 1 && !fitted; tile /= 2) {
-      for (int64_t width = widest; width >= narrowest && !fitted; --width) {
-        fitted = fit_block(problem, limits, static_cast<int>(width), tile, candidate);
-        if (fitted) candidate.slice_width = static_cast<int>(width);
-      }
-    }
-    if (!fitted) continue;
-    // Same number of slices, spread evenly; the narrower block is refitted (its thread count and
-    // shared memory follow its width), keeping the first fit if the refit fails.
-    candidate.slices = static_cast<int>(ceil_div(hidden, candidate.slice_width));
-    const int even_width = static_cast<int>(ceil_div(hidden, candidate.slices));
-    if (even_width != candidate.slice_width) {
-      RecurrencePlan refit = candidate;
-      if (fit_block(problem, limits, even_width, candidate.batch_tile, refit)) {
-        candidate = refit;
-        candidate.slice_width = even_width;
-      }
-    }
-    const void* kernel = recurrence_kernel(problem.scalar_type, candidate.batch_tile);
-    if (allow_shared_memory(kernel, limits, candidate.shared_bytes) != cudaSuccess) {
-      cudaGetLastError();  // the planner reports through `rejected`, not the sticky error
-      continue;
-    }
-    int blocks_per_sm = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, candidate.threads,
-                                                      static_cast<size_t>(candidate.shared_bytes)) !=
-        cudaSuccess) {
-      cudaGetLastError();
-      continue;
-    }
-    const int64_t resident = int64_t(blocks_per_sm) * limits.sm_count / launch_directions;
-    if (resident < candidate.slices) continue;
-    // Spare SMs take batch groups, each of at least one register tile of rows.
-    const int64_t spare = std::min<int64_t>(budget, resident) / candidate.slices;
-    const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(spare, ceil_div(problem.batch, candidate.batch_tile)));
-    candidate.rows_per_group = static_cast<int>(ceil_div(problem.batch, groups));
-    candidate.groups = static_cast<int>(ceil_div(problem.batch, candidate.rows_per_group));
-    candidate.launch_directions = launch_directions;
-    candidate.rejected = nullptr;
-    return candidate;
-  }
-  plan.rejected = "W_hh does not fit in the shared memory of the co-resident blocks of this device";
-  return plan;
-}
-
 }  // namespace
-
-const char* regime_name(Regime regime) {
-  switch (regime) {
-    case Regime::Auto: return "auto";
-    case Regime::SingleBlock: return "single_block";
-    case Regime::Cooperative: return "cooperative";
-    case Regime::StepGemm: return "step_gemm";
-  }
-  return "unknown";
-}
-
-RecurrencePlan plan_recurrence(const RecurrenceProblem& problem, const DeviceLimits& limits,
-                               Regime requested, int max_slice_width) {
-  if (requested == Regime::SingleBlock) return plan_single_block(problem, limits);
-  if (requested == Regime::Cooperative) return plan_cooperative(problem, limits, max_slice_width);
-  if (requested == Regime::Auto) {
-    RecurrencePlan plan = plan_single_block(problem, limits);
-    if (plan.rejected == nullptr) return plan;
-    plan = plan_cooperative(problem, limits, max_slice_width);
-    if (plan.rejected == nullptr) return plan;
-  }
-  RecurrencePlan plan;
-  plan.regime = Regime::StepGemm;
-  plan.launch_directions = 1;
-  return plan;
-}
-
-int64_t exchange_bytes(const RecurrenceProblem& problem) {
-  return 2 * problem.directions * problem.batch * problem.hidden * accumulator_bytes(problem.scalar_type);
-}
-
-cudaError_t launch_recurrence(const RecurrenceProblem& problem, const RecurrencePlan& plan,
-                              int first_direction, cudaStream_t stream) {
-  RecurrenceArgs args;
-  args.problem = problem;
-  args.first_direction = first_direction;
-  args.slice_width = plan.slice_width;
-  args.slices = plan.slices;
-  args.rows_per_group = plan.rows_per_group;
-  args.k_split = plan.k_split;
-  args.cooperative = plan.regime == Regime::Cooperative;
-  const void* kernel = recurrence_kernel(problem.scalar_type, plan.batch_tile);
-  DeviceLimits limits;
-  cudaError_t error = cudaGetDevice(&limits.device);
-  if (error != cudaSuccess) return error;
-  int optin = 0;
-  error = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, limits.device);
-  if (error != cudaSuccess) return error;
-  limits.shared_memory_per_block_optin = optin;
-  error = allow_shared_memory(kernel, limits, plan.shared_bytes);
-  if (error != cudaSuccess) return error;
-  const dim3 grid(static_cast<unsigned>(plan.slices * plan.groups), static_cast<unsigned>(plan.launch_directions));
-  const dim3 block(static_cast<unsigned>(plan.threads));
-  void* params[] = {&args};
-  if (args.cooperative) {
-    return cudaLaunchCooperativeKernel(kernel, grid, block, params, static_cast<size_t>(plan.shared_bytes), stream);
-  }
-  return cudaLaunchKernel(kernel, grid, block, params, static_cast<size_t>(plan.shared_bytes), stream);
-}
-
-namespace {
-
-unsigned pointwise_blocks(int64_t count) {
-  // Grid-stride loops: enough blocks to fill a large GPU, never more than the work needs.
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(count, kPointwiseThreads), 4096)));
-}
-
-template <typename Launch>
-cudaError_t dispatch(ScalarType type, Launch&& launch) {
-  switch (type) {
-    case ScalarType::Float64: launch(double()); break;
-    case ScalarType::Float16: launch(__half()); break;
-    case ScalarType::BFloat16: launch(__nv_bfloat16()); break;
-    default: launch(float()); break;
-  }
-  return cudaGetLastError();
-}
-
-}  // namespace
-
-cudaError_t launch_step_activation(const StepActivation& step, cudaStream_t stream) {
-  const unsigned blocks = pointwise_blocks(step.rows * step.hidden);
-  return dispatch(step.scalar_type, [&](auto tag) {
-    using T = decltype(tag);
-    step_activation_kernel<T><<<blocks, kPointwiseThreads, 0, stream>>>(step);
-  });
-}
-
-cudaError_t launch_step_gradient(const StepGradient& step, cudaStream_t stream) {
-  const unsigned blocks = pointwise_blocks(step.rows * step.hidden);
-  return dispatch(step.scalar_type, [&](auto tag) {
-    using T = decltype(tag);
-    step_gradient_kernel<T><<<blocks, kPointwiseThreads, 0, stream>>>(step);
-  });
-}
-
-cudaError_t launch_gather_previous_states(const PreviousStates& gather, cudaStream_t stream) {
-  const dim3 grid(pointwise_blocks(gather.batch * gather.directions * gather.hidden),
-                  static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(gather.steps, 1), 65535)));
-  return dispatch(gather.scalar_type, [&](auto tag) {
-    using T = decltype(tag);
-    gather_previous_states_kernel<T><<<grid, kPointwiseThreads, 0, stream>>>(gather);
-  });
-}
-
 }  // namespace gpu
 }  // namespace rnn_ext
