@@ -165,7 +165,7 @@ def test_sanitizer_cases_cover_the_shared_memory_opt_in():
 
 
 def cooperative_layout(case, sm_count):
-    """The planner's (csrc/cuda/elman_kernels.cu) launch directions and batch groups for a
+    """The planner's (csrc/cuda/recurrence_plan.cpp) launch directions and batch groups for a
     chip-wide-capped cooperative case, for the arithmetic that decides them."""
     width = case.max_slice_for(sm_count)
     for launch_directions in range(case.directions, 0, -1):
