@@ -5,6 +5,7 @@
 #   make fuzz        the long differential-fuzzing profile
 #   make check-asan  the test suite on an AddressSanitizer + UBSan build
 #   make check-cuda  compile the CUDA sources against the CUDA torch wheel (needs nvcc)
+#   make dist-check  build the sdist from a clean export of HEAD, a wheel from it, install, smoke-test
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,7 +17,7 @@ DEPS := ninja pybind11 pytest hypothesis numpy matplotlib tqdm expecttest
 SOURCES := $(shell find csrc -type f) setup.py
 EXTENSION := $(VENV)/.rnn_ext-built
 
-.PHONY: all venv build test demo bench fuzz check-asan check-cuda clean
+.PHONY: all venv build test demo bench fuzz check-asan check-cuda dist-check clean
 
 all: test
 
@@ -58,6 +59,10 @@ check-asan: $(VENV)/.deps-installed
 
 check-cuda:
 	bash scripts/check_cuda.sh
+
+# Its own venv and a temporary folder: nothing here is used or touched. Two compile jobs, as on CI.
+dist-check:
+	PYTHON="$(PYTHON)" TORCH="$(TORCH)" MAX_JOBS=$${MAX_JOBS:-2} bash scripts/dist_check.sh
 
 clean:
 	rm -rf build build-* $(VENV) .venv-* rnn_ext/*.so *.egg-info
