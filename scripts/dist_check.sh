@@ -44,8 +44,10 @@ git -C "$ROOT" archive --format=tar "$REV" | tar -xf - -C "$SRC"
 step "creating a fresh venv with $TORCH"
 "$PYTHON" -m venv "$VENV"
 PY="$VENV/bin/python"
-"$PY" -m pip install --quiet --upgrade pip
-"$PY" -m pip install --quiet "$TORCH" "setuptools>=77" wheel build ninja
+# -qq: errors only (the machine's pip configuration can add a warning per package looked up).
+# No NumPy, on purpose: rnn_ext needs none (torch notes its absence when imported).
+"$PY" -m pip install -qq --upgrade pip
+"$PY" -m pip install -qq "$TORCH" "setuptools>=77" wheel build ninja
 
 step "building the sdist (python -m build --sdist --no-isolation)"
 (cd "$SRC" && "$PY" -m build --sdist --no-isolation --outdir "$DIST" . > "$WORK/sdist.log" 2>&1) \
@@ -113,7 +115,7 @@ print(f"dist-check: {len(names)} files; {pin}")
 EOF
 
 step "installing the wheel (pip install, so its torch requirement is checked)"
-"$PY" -m pip install --quiet "$WHEEL"
+"$PY" -m pip install -qq "$WHEEL"
 
 step "smoke test from $ELSEWHERE: the seed model against nn.RNN, python -m rnn_ext, a torch mismatch"
 cd "$ELSEWHERE"
