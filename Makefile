@@ -9,6 +9,7 @@
 #                    the CUDA headers, not a GPU)
 #   make check-cuda-races     the emulated kernels under ThreadSanitizer, and proof that a removed
 #                    barrier is caught
+#   make dist-check  build the sdist from a clean export of HEAD, a wheel from it, install, smoke-test
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,11 +21,12 @@ DEPS := ninja pybind11 pytest hypothesis numpy matplotlib tqdm expecttest onnx o
 SOURCES := $(shell find csrc -type f) setup.py
 EXTENSION := $(VENV)/.rnn_ext-built
 
-.PHONY: all venv build test demo bench fuzz check-asan check-cuda check-cuda-emulated check-cuda-races clean
+.PHONY: all venv build test demo bench fuzz check-asan check-cuda check-cuda-emulated check-cuda-races dist-check clean
 
 all: test
 
-$(VENV)/.deps-installed:
+# Remade when the Makefile changes, so a new entry in DEPS reaches an existing venv.
+$(VENV)/.deps-installed: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH)" $(DEPS)
@@ -70,5 +72,9 @@ check-cuda-races:
 	$(PYTHON) tests/cuda_emulation/build.py races
 	$(PYTHON) tests/cuda_emulation/build.py planted
 
+# Its own venv and a temporary folder: nothing here is used or touched. Two compile jobs, as on CI.
+dist-check:
+	PYTHON="$(PYTHON)" TORCH="$(TORCH)" MAX_JOBS=$${MAX_JOBS:-2} bash scripts/dist_check.sh
+
 clean:
-	rm -rf build build-* $(VENV) .venv-* rnn_ext/*.so *.egg-info
+	rm -rf build build-* dist $(VENV) .venv-* rnn_ext/*.so rnn_ext/_build_info.py *.egg-info

@@ -1,8 +1,10 @@
 """rnn_ext: a drop-in torch.nn.RNN whose forward and backward run in fused C++/CUDA kernels."""
-from . import ops
-from .convert import convert
-from .module import RNN
-
+# The one place the version is written: pyproject.toml reads it from here.
 __version__ = "0.1.0"
 
-__all__ = ["RNN", "convert", "ops", "__version__"]
+from ._extension import info  # noqa: E402  (first: it checks the build against the running torch)
+from . import ops  # noqa: E402
+from .convert import convert  # noqa: E402
+from .module import RNN  # noqa: E402
+
+__all__ = ["RNN", "convert", "info", "ops", "__version__"]

@@ -7,12 +7,7 @@ import math
 
 import torch
 
-from . import _C  # noqa: F401  (loading the extension registers torch.ops.rnn_ext)
-
-if not torch._C._dispatch_has_kernel_for_dispatch_key("rnn_ext::elman_forward", "Autograd"):
-    # An extension built from older sources would train silently wrong: refuse it.
-    raise ImportError("rnn_ext._C has no autograd kernel for elman_forward; rebuild the extension "
-                      "(make build, or pip install --no-build-isolation -e .)")
+from ._extension import _C  # noqa: F401  (loading the extension registers torch.ops.rnn_ext)
 
 elman_forward = torch.ops.rnn_ext.elman_forward.default
 elman_backward = torch.ops.rnn_ext.elman_backward.default
