@@ -1,6 +1,9 @@
-// The rnn_ext operator schemas, and the Python module that loading them needs. Nothing else.
+// The rnn_ext operator schemas, and the Python module that loading them needs (plus the CPU
+// backend's per-phase thread counters, which the threading tests read). Nothing else.
 #include <torch/library.h>
 #include <torch/extension.h>
+
+#include "cpu/team.h"
 
 TORCH_LIBRARY(rnn_ext, m) {
   // One Elman layer, all its directions. input [T, B, I] or packed [N, I] with batch_sizes;
@@ -24,4 +27,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("built_with_cuda") = false;
 #endif
+  m.def(
+      "_cpu_phase_stats",
+      [](bool reset) {
+        pybind11::dict stats;
+        for (int p = 0; p < rnn_ext::cpu::kPhaseCount; ++p) {
+          const auto phase = static_cast<rnn_ext::cpu::Phase>(p);
+          const auto& c = rnn_ext::cpu::phase_counters(phase);
+          pybind11::dict entry;
+          entry["calls"] = c.calls.load();
+          entry["seconds"] = c.nanoseconds.load() * 1e-9;
+          entry["thread_mask"] = c.thread_mask.load();
+          stats[rnn_ext::cpu::phase_name(phase)] = entry;
+        }
+        if (reset) rnn_ext::cpu::reset_phase_counters();
+        return stats;
+      },
+      pybind11::arg("reset") = false,
+      "Per phase of the CPU kernels since the last reset: calls, wall seconds, and a bit per "
+      "team thread that did part of the work.");
 }

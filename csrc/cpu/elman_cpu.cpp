@@ -1,12 +1,21 @@
 // CPU forward and backward of one Elman layer (all directions), registered for the CPU key.
-// Forward: one input projection over all rows, written straight into the output, then per step
-// h_t = act(out_t + h_{t-1} W_hh^T) in place. Backward: the reverse loop turns output gradients into
-// pre-activation gradients dP; weight, bias and input gradients are then single products over all
-// rows. Only the output is saved: act'(.) is a function of h_t.
-#include <ATen/Parallel.h>
+// Forward: one input projection over all rows (all directions at once), written straight into the
+// output, then per step h_t = act(out_t + h_{t-1} W_hh^T) in place. Backward: the reverse loop
+// turns output gradients into pre-activation gradients dP; weight, bias and input gradients are
+// then products over all rows. Only the output is saved: act'(.) is a function of h_t.
+//
+// Threads (team.h): the large products are cut into parts fixed by their shapes and run through
+// at::mm (MKL) with one part per thread at a time, so each part is a sequential BLAS call and the
+// bits do not depend on the thread count. The recurrences run in one team per layer: the two
+// directions of a bidirectional layer on different threads, or else each step's columns split
+// over the team with one barrier per step. Splitting columns never splits a sum, so any split
+// gives the same bits.
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/irange.h>
 
 #include <cstring>
@@ -15,56 +24,78 @@
 #include "../elman.h"
 #include "../layer_args.h"
 #include "row_matmul.h"
+#include "team.h"
+
+// MKL's per-thread thread count (the C entry point behind mkl_set_num_threads_local), when
+// torch's BLAS is MKL: the x86-64 wheels export it. libgomp
+// allows nested teams, so without it a BLAS call inside one of our teams may start its own team
+// and split its sum differently from a one-thread call.
+extern "C" int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
 
 namespace rnn_ext {
 namespace {
 
 using cpu::PackedMatrix;
 
-// Below this many multiply-adds the input projection stays on the calling thread.
-constexpr int64_t kParallelWorkThreshold = 1 << 18;
-// A time step is split across threads only above this many multiply-adds: a fork/join costs a
-// few microseconds, which a 32 x 32 x 32 step (about 1 us of arithmetic) would not repay.
-constexpr int64_t kStepParallelThreshold = 1 << 16;
-
-// One step's product c = (accumulate ? c : 0) + a @ b, then epilogue(column_begin, column_end)
-// on the columns just written. Large steps split their columns across torch's intra-op threads,
-// so each thread reads only its slice of W_hh and no two threads write the same element.
-template <typename T, typename Epilogue>
-void step_product(int64_t rows, const T* const* a_rows, const PackedMatrix<T>& b,
-                  T* const* c_rows, bool accumulate, const Epilogue& epilogue) {
-  constexpr int64_t block = cpu::column_block<T>();
-  const int64_t blocks = b.padded_width / block;
-  if (rows * b.depth * b.width < kStepParallelThreshold || blocks < 2 ||
-      at::get_num_threads() < 2 || at::in_parallel_region()) {
-    cpu::row_matmul<T>(rows, a_rows, b, c_rows, accumulate);
-    epilogue(0, b.width);
-    return;
+// Keeps BLAS calls on the calling thread for the scope.
+class SequentialBlas {
+ public:
+  SequentialBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
   }
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    const int64_t column_begin = begin * block;
-    const int64_t column_end = std::min(end * block, b.width);
-    cpu::row_matmul<T>(rows, a_rows, b, c_rows, accumulate, column_begin, column_end);
-    epilogue(column_begin, column_end);
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+
+ private:
+  int previous_;
+};
+using cpu::Phase;
+
+// Products below this many multiply-adds use the packed kernel on the calling thread: a BLAS call
+// through the dispatcher costs microseconds, which the seed-sized layers would notice.
+constexpr int64_t kBlasWorkThreshold = 1 << 16;
+// Multiply-adds per part of a large product, and the most parts: enough parts to balance two to
+// eight threads, each large enough (about 10 us) to repay its share of starting a team.
+constexpr int64_t kPartWork = 1 << 19;
+constexpr int64_t kMaxParts = 8;
+// A time step's columns are split over the team only above this many multiply-adds: the barrier
+// after each step costs about a microsecond, which a 32 x 32 x 32 step would not repay.
+constexpr int64_t kStepParallelThreshold = 1 << 16;
+// Column granularity of a step split: two column panels, the widest block any kernel build writes.
+constexpr int64_t kColumnUnit(int64_t block) { return 2 * block; }
+
+// The number of parts of a product over `extent` splittable rows (or columns) with `macs`
+// multiply-adds: a function of the shape alone.
+int64_t product_parts(int64_t macs, int64_t extent) {
+  return std::max<int64_t>(1, std::min({macs / kPartWork, kMaxParts, extent}));
+}
+
+// Runs part(p) for p in [0, parts) over the team, contiguous runs of parts per thread, each part
+// a sequential BLAS call: the bits depend on the parts (the shapes), not on the threads.
+template <typename Part>
+void run_parts(Phase phase, int64_t parts, const Part& part) {
+  cpu::run_team(parts > 1, [&](int thread, int team) {
+    // Worker threads start with the default dispatch state; this kernel runs below autograd.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    SequentialBlas sequential;
+    const auto [begin, end] = cpu::split_range(parts, 1, thread, team);
+    if (begin < end) cpu::mark_worker(phase, thread);
+    for (int64_t p = begin; p < end; ++p) part(p);
   });
 }
 
-// c[r] = (accumulate ? c[r] : 0) + a[r] @ b for `rows` rows at fixed strides, split over rows
-// across torch's intra-op threads when the product is large enough.
+// c[r] = (accumulate ? c[r] : 0) + a[r] @ b for `rows` rows at fixed strides, on the calling thread.
 template <typename T>
-void parallel_row_matmul(int64_t rows, const T* a, int64_t a_stride, const PackedMatrix<T>& b,
-                         T* c, int64_t c_stride, bool accumulate) {
-  const int64_t per_row = std::max<int64_t>(1, b.depth * b.width);
-  const int64_t grain = std::max<int64_t>(16, kParallelWorkThreshold / per_row);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<const T*> a_rows(end - begin);
-    std::vector<T*> c_rows(end - begin);
-    for (int64_t r = begin; r < end; ++r) {
-      a_rows[r - begin] = a + r * a_stride;
-      c_rows[r - begin] = c + r * c_stride;
-    }
-    cpu::row_matmul<T>(end - begin, a_rows.data(), b, c_rows.data(), accumulate);
-  });
+void strided_row_matmul(int64_t rows, const T* a, int64_t a_stride, const PackedMatrix<T>& b, T* c,
+                        int64_t c_stride, bool accumulate) {
+  std::vector<const T*> a_rows(rows);
+  std::vector<T*> c_rows(rows);
+  for (const auto r : c10::irange(rows)) {
+    a_rows[r] = a + r * a_stride;
+    c_rows[r] = c + r * c_stride;
+  }
+  cpu::row_matmul<T>(rows, a_rows.data(), b, c_rows.data(), accumulate);
 }
 
 template <typename T>
@@ -76,40 +107,70 @@ void apply_activation(T* values, int64_t count, Activation activation) {
   }
 }
 
-// output[row, d*H:(d+1)*H] = (bias_ih + bias_hh) + input[row] @ W_ih^T for every row.
-template <typename T>
-void project_inputs(const LayerArgs& args, int64_t direction, const T* input, T* output) {
-  const ElmanShape& s = args.shape;
-  const DirectionWeights& w = args.directions[direction];
-  const int64_t H = s.hidden_size;
-  const int64_t width = s.output_width();
-  const at::Tensor weight_ih = w.weight_ih.contiguous();
-  PackedMatrix<T> weight_t;
-  cpu::pack_matrix(weight_t, weight_ih.data_ptr<T>(), s.input_size, H, /*k_stride=*/1,
-                   /*j_stride=*/s.input_size);
-  std::vector<T> bias(H, T(0));
-  if (s.has_bias) {
-    const at::Tensor b_ih = w.bias_ih.contiguous(), b_hh = w.bias_hh.contiguous();
-    for (const auto j : c10::irange(H)) bias[j] = b_ih.data_ptr<T>()[j] + b_hh.data_ptr<T>()[j];
+// W_ih of every direction stacked [D*H, I], and (b_ih + b_hh) stacked [D*H] (undefined without bias).
+std::pair<at::Tensor, at::Tensor> stacked_input_weights(const LayerArgs& args) {
+  std::vector<at::Tensor> weights, biases;
+  for (const auto& w : args.directions) {
+    weights.push_back(w.weight_ih);
+    if (args.shape.has_bias) biases.push_back(w.bias_ih + w.bias_hh);
   }
-  T* output_columns = output + output_index(0, direction, 0, H, s.directions);
-  if (s.has_bias) {
-    for (const auto r : c10::irange(s.rows)) std::memcpy(output_columns + r * width, bias.data(), H * sizeof(T));
-  }
-  parallel_row_matmul<T>(s.rows, input, s.input_size, weight_t, output_columns, width, s.has_bias);
+  at::Tensor weight = weights.size() == 1 ? weights[0].contiguous() : at::cat(weights, 0);
+  at::Tensor bias;
+  if (!biases.empty()) bias = biases.size() == 1 ? biases[0].contiguous() : at::cat(biases, 0);
+  return {weight, bias};
 }
 
+// output[row, :] = (bias_ih + bias_hh) + input[row] @ W_ih^T for every row, all directions at once.
 template <typename T>
-void forward_direction(const LayerArgs& args, int64_t direction, const T* hx, T* output, T* h_n) {
+void project_inputs(const LayerArgs& args, const at::Tensor& input_rows, at::Tensor& output_rows) {
+  cpu::PhaseTimer timer(Phase::InputProjection);
+  const ElmanShape& s = args.shape;
+  const int64_t width = s.output_width();
+  const auto [weight, bias] = stacked_input_weights(args);
+  const int64_t macs = s.rows * s.input_size * width;
+  if (macs < kBlasWorkThreshold) {
+    cpu::mark_worker(Phase::InputProjection, 0);
+    PackedMatrix<T> weight_t;  // element (k, j) = W_ih[j, k]
+    cpu::pack_matrix(weight_t, weight.data_ptr<T>(), s.input_size, width, /*k_stride=*/1,
+                     /*j_stride=*/s.input_size);
+    T* out = output_rows.data_ptr<T>();
+    if (s.has_bias) {
+      for (const auto r : c10::irange(s.rows))
+        std::memcpy(out + r * width, bias.data_ptr<T>(), width * sizeof(T));
+    }
+    strided_row_matmul<T>(s.rows, input_rows.data_ptr<T>(), s.input_size, weight_t, out, width,
+                          s.has_bias);
+    return;
+  }
+  const at::Tensor weight_t = weight.t();
+  const int64_t parts = product_parts(macs, s.rows);
+  run_parts(Phase::InputProjection, parts, [&](int64_t p) {
+    const auto [begin, end] = cpu::split_range(s.rows, 1, p, parts);
+    at::Tensor out = output_rows.narrow(0, begin, end - begin);
+    const at::Tensor in = input_rows.narrow(0, begin, end - begin);
+    if (s.has_bias) {
+      at::addmm_out(out, bias, in, weight_t);
+    } else {
+      at::mm_out(out, in, weight_t);
+    }
+  });
+}
+
+// The columns [column_begin, column_end) of every step of one direction's forward recurrence.
+// With a column range short of H, the caller's team runs the other ranges and every thread of the
+// team calls team_barrier() once per step (the next step reads all columns of this one).
+template <typename T>
+void forward_recurrence(const LayerArgs& args, int64_t direction, const PackedMatrix<T>& weight_t,
+                        const T* hx, T* output, T* h_n, int64_t column_begin, int64_t column_end,
+                        bool in_team) {
   const ElmanShape& s = args.shape;
   const int64_t H = s.hidden_size, D = s.directions, T_ = s.steps;
   const bool reverse = direction == 1;
   const StepLayout layout = step_layout(args);
-  const at::Tensor weight_hh = args.directions[direction].weight_hh.contiguous();
-  PackedMatrix<T> weight_t;  // element (k, j) = W_hh[j, k]
-  cpu::pack_matrix(weight_t, weight_hh.data_ptr<T>(), H, H, /*k_stride=*/1, /*j_stride=*/H);
   const T* h0 = hx + state_index(direction, 0, 0, s.batch, H);
   T* final_state = h_n + state_index(direction, 0, 0, s.batch, H);
+  const bool all_columns = column_begin == 0 && column_end == H;
+  const int64_t columns = column_end - column_begin;
 
   std::vector<const T*> previous(s.batch);
   std::vector<T*> current(s.batch);
@@ -122,131 +183,266 @@ void forward_direction(const LayerArgs& args, int64_t direction, const T* hx, T*
                         : output + output_index(layout.row(previous_step(t, reverse), b), direction, 0, H, D);
       current[b] = output + output_index(layout.row(t, b), direction, 0, H, D);
     }
-    step_product(rows, previous.data(), weight_t, current.data(), /*accumulate=*/true,
-                 [&](int64_t column_begin, int64_t column_end) {
-                   if (D == 1 && column_begin == 0 && column_end == H) {
-                     apply_activation(current[0], rows * H, s.activation);  // rows are adjacent
-                     return;
-                   }
-                   for (const auto b : c10::irange(rows))
-                     apply_activation(current[b] + column_begin, column_end - column_begin,
-                                      s.activation);
-                 });
-    for (const auto b : c10::irange(rows)) {
-      if (layout.writes_final_state(t, b, reverse))
-        std::memcpy(final_state + b * H, current[b], H * sizeof(T));
+    if (columns > 0) {
+      cpu::row_matmul<T>(rows, previous.data(), weight_t, current.data(), /*accumulate=*/true,
+                         column_begin, column_end);
+      if (D == 1 && all_columns) {
+        apply_activation(current[0], rows * H, s.activation);  // rows are adjacent
+      } else {
+        for (const auto b : c10::irange(rows))
+          apply_activation(current[b] + column_begin, columns, s.activation);
+      }
+      for (const auto b : c10::irange(rows)) {
+        if (layout.writes_final_state(t, b, reverse))
+          std::memcpy(final_state + b * H + column_begin, current[b] + column_begin,
+                      columns * sizeof(T));
+      }
     }
+    if (in_team) cpu::team_barrier();
+  }
+}
+
+// True when a step of `rows` x H x H is worth splitting over threads.
+bool splits_steps(const ElmanShape& s) {
+  return s.batch * s.hidden_size * s.hidden_size >= kStepParallelThreshold &&
+         s.hidden_size > kColumnUnit(cpu::column_block<float>());
+}
+
+// Runs recurrence(direction, column_begin, column_end, in_team) for every direction of the layer:
+// a bidirectional layer's directions on two threads, else one direction at a time, each step
+// split over the team when it is large enough.
+template <typename Recurrence>
+void run_recurrences(const ElmanShape& s, Phase phase, int64_t block, const Recurrence& recurrence) {
+  const int64_t H = s.hidden_size;
+  if (s.directions == 2 && cpu::available_threads() >= 2) {
+    cpu::run_team(true, [&](int thread, int) {
+      if (thread >= 2) return;
+      cpu::mark_worker(phase, thread);
+      recurrence(thread, 0, H, false);
+    });
+    return;
+  }
+  for (const auto d : c10::irange(s.directions)) {
+    cpu::run_team(splits_steps(s), [&](int thread, int team) {
+      const auto [begin, end] = cpu::split_range(H, kColumnUnit(block), thread, team);
+      if (begin < end) cpu::mark_worker(phase, thread);
+      recurrence(d, begin, end, team > 1);
+    });
   }
 }
 
 template <typename T>
-void forward_typed(const LayerArgs& args, const at::Tensor& input, const at::Tensor& hx,
+void forward_typed(const LayerArgs& args, const at::Tensor& input_rows, const at::Tensor& hx,
                    at::Tensor& output, at::Tensor& h_n) {
-  for (const auto d : c10::irange(args.shape.directions)) {
-    project_inputs<T>(args, d, input.data_ptr<T>(), output.data_ptr<T>());
-    forward_direction<T>(args, d, hx.data_ptr<T>(), output.data_ptr<T>(), h_n.data_ptr<T>());
+  const ElmanShape& s = args.shape;
+  const int64_t H = s.hidden_size;
+  at::Tensor output_rows = output.view({s.rows, s.output_width()});
+  project_inputs<T>(args, input_rows, output_rows);
+  cpu::PhaseTimer timer(Phase::ForwardRecurrence);
+  std::vector<at::Tensor> weights_hh(s.directions);
+  std::vector<PackedMatrix<T>> packed(s.directions);  // element (k, j) = W_hh[j, k]
+  for (const auto d : c10::irange(s.directions)) {
+    weights_hh[d] = args.directions[d].weight_hh.contiguous();
+    cpu::pack_matrix(packed[d], weights_hh[d].template data_ptr<T>(), H, H, /*k_stride=*/1,
+                     /*j_stride=*/H);
   }
+  run_recurrences(s, Phase::ForwardRecurrence, cpu::column_block<T>(),
+                  [&](int64_t d, int64_t begin, int64_t end, bool in_team) {
+                    forward_recurrence<T>(args, d, packed[d], hx.data_ptr<T>(),
+                                          output.data_ptr<T>(), h_n.data_ptr<T>(), begin, end,
+                                          in_team);
+                  });
 }
 
-// Reverse loop of one direction: fills this direction's columns of grad_pre (dL/d pre-activation)
-// and of previous_states (h_{t-1} per row, for the W_hh gradient), and grad_hx for the direction.
+// The columns [column_begin, column_end) of one direction's reverse loop: this direction's
+// columns of grad_pre (dL/d pre-activation) and its grad_hx. A thread's columns of dP at a step
+// depend only on its own columns of dL/dh, so one barrier per step (before the product, which
+// reads all columns of dP) is enough.
 template <typename T>
-void backward_direction(const LayerArgs& args, int64_t direction, const T* grad_output,
-                        const T* grad_h_n, const T* hx, const T* output, T* grad_pre,
-                        T* previous_states, T* grad_hx) {
+void backward_recurrence(const LayerArgs& args, int64_t direction, const PackedMatrix<T>& weight,
+                         const T* grad_output, const T* grad_h_n, const T* output, T* grad_pre,
+                         T* grad_hx, T* carry, int64_t column_begin, int64_t column_end,
+                         bool in_team) {
   const ElmanShape& s = args.shape;
   const int64_t H = s.hidden_size, D = s.directions, T_ = s.steps;
   const bool reverse = direction == 1;
   const StepLayout layout = step_layout(args);
-  const at::Tensor weight_hh = args.directions[direction].weight_hh.contiguous();
-  PackedMatrix<T> weight;  // element (j, k) = W_hh[j, k]: dh_{t-1} = dP_t W_hh
-  cpu::pack_matrix(weight, weight_hh.data_ptr<T>(), H, H, /*k_stride=*/H, /*j_stride=*/1);
-  const int64_t first = state_index(direction, 0, 0, s.batch, H);
-  const T* h0 = hx + first;
-  const T* grad_final = grad_h_n + first;
-  T* grad_h0 = grad_hx + first;
+  const T* grad_final = grad_h_n + state_index(direction, 0, 0, s.batch, H);
+  T* grad_h0 = grad_hx + state_index(direction, 0, 0, s.batch, H);
+  const int64_t columns = column_end - column_begin;
 
-  std::vector<T> carry(s.batch * H, T(0));  // dL/dh for the step being processed
   std::vector<const T*> grad_rows(s.batch);
   std::vector<T*> targets(s.batch);
   for (const auto position : c10::irange(T_)) {
     const int64_t t = step_of_position(position, T_, reverse, /*backward=*/true);
     const int64_t rows = layout.size(t);
     for (const auto b : c10::irange(rows)) {
-      T* dh = carry.data() + b * H;
-      if (layout.writes_final_state(t, b, reverse))
-        std::memcpy(dh, grad_final + b * H, H * sizeof(T));
+      T* dh = carry + b * H;
       const int64_t index = output_index(layout.row(t, b), direction, 0, H, D);
-      const T* y = output + index;
-      const T* g = grad_output + index;
-      T* dp = grad_pre + index;
-      for (const auto j : c10::irange(H))
-        dp[j] = activation_backward(dh[j] + g[j], y[j], s.activation);
-      grad_rows[b] = dp;
-      const bool initial = layout.reads_initial_state(t, b, reverse);
-      const T* h_prev = initial ? h0 + b * H
-                                : output + output_index(layout.row(previous_step(t, reverse), b),
-                                                        direction, 0, H, D);
-      std::memcpy(previous_states + index, h_prev, H * sizeof(T));
-      targets[b] = initial ? grad_h0 + b * H : dh;
+      if (columns > 0) {
+        if (layout.writes_final_state(t, b, reverse))
+          std::memcpy(dh + column_begin, grad_final + b * H + column_begin, columns * sizeof(T));
+        const T* y = output + index;
+        const T* g = grad_output + index;
+        T* dp = grad_pre + index;
+        for (int64_t j = column_begin; j < column_end; ++j)
+          dp[j] = activation_backward(dh[j] + g[j], y[j], s.activation);
+      }
+      grad_rows[b] = grad_pre + index;
+      targets[b] = layout.reads_initial_state(t, b, reverse) ? grad_h0 + b * H : dh;
     }
-    step_product(rows, grad_rows.data(), weight, targets.data(), /*accumulate=*/false,
-                 [](int64_t, int64_t) {});
+    if (in_team) cpu::team_barrier();
+    if (columns > 0)
+      cpu::row_matmul<T>(rows, grad_rows.data(), weight, targets.data(), /*accumulate=*/false,
+                         column_begin, column_end);
   }
 }
 
+// grad_input = dP @ [W_ih of every direction], by parts of rows.
 template <typename T>
 at::Tensor input_gradient(const LayerArgs& args, const at::Tensor& grad_pre) {
+  cpu::PhaseTimer timer(Phase::InputGradient);
   const ElmanShape& s = args.shape;
   const int64_t width = s.output_width();
-  std::vector<at::Tensor> weights_ih;
-  for (const auto& w : args.directions) weights_ih.push_back(w.weight_ih);
-  const at::Tensor stacked =  // [D*H, I]
-      weights_ih.size() == 1 ? weights_ih[0].contiguous() : at::cat(weights_ih, 0);
-  PackedMatrix<T> packed;
-  cpu::pack_matrix(packed, stacked.data_ptr<T>(), width, s.input_size, /*k_stride=*/s.input_size,
-                   /*j_stride=*/1);
+  const at::Tensor stacked = stacked_input_weights(args).first;  // [D*H, I]
   at::Tensor grad_input = at::empty({s.rows, s.input_size}, grad_pre.options());
-  parallel_row_matmul<T>(s.rows, grad_pre.data_ptr<T>(), width, packed, grad_input.data_ptr<T>(),
-                         s.input_size, /*accumulate=*/false);
+  const int64_t macs = s.rows * width * s.input_size;
+  if (macs < kBlasWorkThreshold) {
+    cpu::mark_worker(Phase::InputGradient, 0);
+    PackedMatrix<T> packed;
+    cpu::pack_matrix(packed, stacked.data_ptr<T>(), width, s.input_size,
+                     /*k_stride=*/s.input_size, /*j_stride=*/1);
+    strided_row_matmul<T>(s.rows, grad_pre.data_ptr<T>(), width, packed,
+                          grad_input.data_ptr<T>(), s.input_size, /*accumulate=*/false);
+    return grad_input;
+  }
+  const int64_t parts = product_parts(macs, s.rows);
+  run_parts(Phase::InputGradient, parts, [&](int64_t p) {
+    const auto [begin, end] = cpu::split_range(s.rows, 1, p, parts);
+    at::Tensor out = grad_input.narrow(0, begin, end - begin);
+    at::mm_out(out, grad_pre.narrow(0, begin, end - begin), stacked);
+  });
   return grad_input;
 }
 
-// Weight gradients dW_ih = dP^T X and dW_hh = dP^T H_prev per direction, with the same kernel:
-// the rows of dP^T times X (or H_prev) packed as the right-hand side.
+// h_{t-1} of every row of direction d, as rows of `previous` (only needed for packed input, where
+// a step's previous rows are not one shifted block of the output).
 template <typename T>
-std::vector<DirectionGradients> weight_gradients(const LayerArgs& args, const at::Tensor& grad_pre,
-                                                 const at::Tensor& input_rows,
-                                                 const at::Tensor& previous_states) {
+void gather_previous_states(const LayerArgs& args, int64_t d, const T* hx, const T* output,
+                            T* previous) {
+  const ElmanShape& s = args.shape;
+  const int64_t H = s.hidden_size, D = s.directions, T_ = s.steps;
+  const bool reverse = d == 1;
+  const StepLayout layout = step_layout(args);
+  for (const auto t : c10::irange(T_)) {
+    for (const auto b : c10::irange(layout.size(t))) {
+      const T* h_prev = layout.reads_initial_state(t, b, reverse)
+                            ? hx + state_index(d, b, 0, s.batch, H)
+                            : output + output_index(layout.row(previous_step(t, reverse), b), d, 0, H, D);
+      std::memcpy(previous + layout.row(t, b) * H, h_prev, H * sizeof(T));
+    }
+  }
+}
+
+// weight_gradients for small layers (a long sequence of a batch of one, say), on the calling
+// thread with the packed kernel: dP transposed and H_prev gathered, which at this size cost less
+// than the BLAS calls they replace.
+template <typename T>
+void small_weight_gradients(const LayerArgs& args, const at::Tensor& grad_pre,
+                            const at::Tensor& input_rows, const at::Tensor& hx,
+                            const at::Tensor& output_rows, std::vector<DirectionGradients>& grads) {
+  cpu::mark_worker(Phase::WeightGradient, 0);
   const ElmanShape& s = args.shape;
   const int64_t H = s.hidden_size, width = s.output_width();
   const at::Tensor grad_pre_t = grad_pre.t().contiguous();  // [D*H, rows]
   PackedMatrix<T> inputs, previous;
   cpu::pack_matrix(inputs, input_rows.data_ptr<T>(), s.rows, s.input_size,
                    /*k_stride=*/s.input_size, /*j_stride=*/1);
-  std::vector<DirectionGradients> grads;
+  std::vector<T> previous_rows(s.rows * H);
   for (const auto d : c10::irange(s.directions)) {
     const T* grad_pre_d = grad_pre_t.data_ptr<T>() + d * H * s.rows;
-    DirectionGradients g;
-    g.weight_ih = at::empty({H, s.input_size}, grad_pre.options());
-    parallel_row_matmul<T>(H, grad_pre_d, s.rows, inputs, g.weight_ih.data_ptr<T>(), s.input_size,
-                           /*accumulate=*/false);
-    cpu::pack_matrix(previous, previous_states.data_ptr<T>() + d * H, s.rows, H,
-                     /*k_stride=*/width, /*j_stride=*/1);
-    g.weight_hh = at::empty({H, H}, grad_pre.options());
-    parallel_row_matmul<T>(H, grad_pre_d, s.rows, previous, g.weight_hh.data_ptr<T>(), H,
-                           /*accumulate=*/false);
+    strided_row_matmul<T>(H, grad_pre_d, s.rows, inputs, grads[d].weight_ih.data_ptr<T>(),
+                          s.input_size, /*accumulate=*/false);
+    gather_previous_states<T>(args, d, hx.data_ptr<T>(), output_rows.data_ptr<T>(),
+                              previous_rows.data());
+    cpu::pack_matrix(previous, previous_rows.data(), s.rows, H, /*k_stride=*/H, /*j_stride=*/1);
+    strided_row_matmul<T>(H, grad_pre_d, s.rows, previous,
+                          grads[d].weight_hh.data_ptr<T>(), H, /*accumulate=*/false);
     if (s.has_bias) {
-      // The column sums of dP_d, summed row by row so the result is the same whatever the thread
-      // count.
-      g.bias = at::zeros({H}, grad_pre.options());
-      T* sums = g.bias.data_ptr<T>();
+      T* sums = grads[d].bias.data_ptr<T>();
+      std::fill(sums, sums + H, T(0));
       const T* rows = grad_pre.data_ptr<T>() + d * H;
       for (const auto r : c10::irange(s.rows))
         for (const auto j : c10::irange(H)) sums[j] += rows[r * width + j];
     }
-    grads.push_back(std::move(g));
   }
+}
+
+// Weight gradients per direction: dW_ih = dP_d^T X, dW_hh = dP_d^T H_prev, and the column sums
+// of dP_d (one tensor; backward_result gives each bias its own). Parts split the H output rows
+// (columns of dP), never the sum over rows, and H_prev is read as the output shifted by one step
+// (plus h0's block) rather than copied.
+template <typename T>
+std::vector<DirectionGradients> weight_gradients(const LayerArgs& args,
+                                                 const at::Tensor& grad_pre,
+                                                 const at::Tensor& input_rows, const at::Tensor& hx,
+                                                 const at::Tensor& output_rows) {
+  cpu::PhaseTimer timer(Phase::WeightGradient);
+  const ElmanShape& s = args.shape;
+  const int64_t H = s.hidden_size, D = s.directions, width = s.output_width();
+  const int64_t B = s.batch;
+  std::vector<DirectionGradients> grads(D);
+  for (auto& g : grads) {
+    g.weight_ih = at::empty({H, s.input_size}, grad_pre.options());
+    g.weight_hh = at::empty({H, H}, grad_pre.options());
+    if (s.has_bias) g.bias = at::empty({H}, grad_pre.options());
+  }
+  const int64_t macs = s.rows * H * (s.input_size + H);
+  if (macs < kPartWork) {
+    small_weight_gradients<T>(args, grad_pre, input_rows, hx, output_rows, grads);
+    return grads;
+  }
+  // Packed input: each direction's H_prev gathered into [rows, H].
+  std::vector<at::Tensor> previous(D);
+  if (s.packed) {
+    for (const auto d : c10::irange(D)) {
+      previous[d] = at::empty({s.rows, H}, grad_pre.options());
+      gather_previous_states<T>(args, d, hx.data_ptr<T>(), output_rows.data_ptr<T>(),
+                                previous[d].data_ptr<T>());
+    }
+  }
+  const int64_t parts = product_parts(macs, H);
+  run_parts(Phase::WeightGradient, parts * D, [&](int64_t part) {
+    const int64_t d = part / parts;
+    const auto [begin, end] = cpu::split_range(H, 1, part % parts, parts);
+    const int64_t n = end - begin;
+    at::Tensor grad_ih = grads[d].weight_ih.narrow(0, begin, n);
+    at::Tensor grad_hh = grads[d].weight_hh.narrow(0, begin, n);
+    const at::Tensor dp = grad_pre.narrow(1, d * H + begin, n);  // [rows, n]
+    at::mm_out(grad_ih, dp.t(), input_rows);
+    if (s.packed) {
+      at::mm_out(grad_hh, dp.t(), previous[d]);
+    } else {
+      // Forward direction: rows [B, rows) follow output rows [0, rows - B); the first B read h0.
+      // Reverse: rows [0, rows - B) follow output rows [B, rows); the last B read h0.
+      const at::Tensor h = output_rows.narrow(1, d * H, H);
+      const at::Tensor h0 = hx.select(0, d);
+      const int64_t later = s.rows - B;
+      const int64_t first_with_h0 = d == 0 ? 0 : later;
+      const int64_t first_shifted = d == 0 ? B : 0;
+      const int64_t first_source = d == 0 ? 0 : B;
+      at::mm_out(grad_hh, dp.narrow(0, first_with_h0, B).t(), h0);
+      if (later > 0)
+        grad_hh.addmm_(dp.narrow(0, first_shifted, later).t(), h.narrow(0, first_source, later));
+    }
+    if (s.has_bias) {
+      T* sums = grads[d].bias.data_ptr<T>() + begin;
+      std::fill(sums, sums + n, T(0));
+      const T* rows = grad_pre.data_ptr<T>() + d * H + begin;
+      for (const auto r : c10::irange(s.rows))
+        for (const auto j : c10::irange(n)) sums[j] += rows[r * width + j];
+    }
+  });
   return grads;
 }
 
@@ -303,7 +499,6 @@ BackwardResult elman_backward_cpu(
 
   const int64_t width = s.output_width();
   at::Tensor grad_pre = at::empty({s.rows, width}, input.options());
-  at::Tensor previous_states = at::empty({s.rows, width}, input.options());
   at::Tensor grad_hx = at::zeros_like(hx, at::MemoryFormat::Contiguous);
   at::Tensor grad_input;
   std::vector<DirectionGradients> grad_directions;
@@ -314,16 +509,32 @@ BackwardResult elman_backward_cpu(
     const at::Tensor hx_c = hx.contiguous();
     const at::Tensor output_c = output.contiguous();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_ext::elman_backward", [&] {
-      for (const auto d : c10::irange(s.directions)) {
-        backward_direction<scalar_t>(args, d, grad_output_c.data_ptr<scalar_t>(),
-                                     grad_h_n_c.data_ptr<scalar_t>(), hx_c.data_ptr<scalar_t>(),
-                                     output_c.data_ptr<scalar_t>(), grad_pre.data_ptr<scalar_t>(),
-                                     previous_states.data_ptr<scalar_t>(),
-                                     grad_hx.data_ptr<scalar_t>());
+      using T = scalar_t;
+      {
+        cpu::PhaseTimer timer(Phase::BackwardRecurrence);
+        const int64_t H = s.hidden_size;
+        std::vector<at::Tensor> weights_hh(s.directions);
+        std::vector<PackedMatrix<T>> packed(s.directions);  // element (j, k) = W_hh[j, k]
+        // dL/dh of the step being processed, per direction (the directions may run side by side).
+        std::vector<std::vector<T>> carry(s.directions);
+        for (const auto d : c10::irange(s.directions)) {
+          weights_hh[d] = args.directions[d].weight_hh.contiguous();
+          cpu::pack_matrix(packed[d], weights_hh[d].template data_ptr<T>(), H, H, /*k_stride=*/H,
+                           /*j_stride=*/1);
+          carry[d].assign(s.batch * H, T(0));
+        }
+        run_recurrences(s, Phase::BackwardRecurrence, cpu::column_block<T>(),
+                        [&](int64_t d, int64_t begin, int64_t end, bool in_team) {
+                          backward_recurrence<T>(args, d, packed[d], grad_output_c.data_ptr<T>(),
+                                                 grad_h_n_c.data_ptr<T>(), output_c.data_ptr<T>(),
+                                                 grad_pre.data_ptr<T>(), grad_hx.data_ptr<T>(),
+                                                 carry[d].data(), begin, end, in_team);
+                        });
       }
-      if (output_mask[0]) grad_input = input_gradient<scalar_t>(args, grad_pre);
+      if (output_mask[0]) grad_input = input_gradient<T>(args, grad_pre);
       if (output_mask[2])
-        grad_directions = weight_gradients<scalar_t>(args, grad_pre, input_rows, previous_states);
+        grad_directions = weight_gradients<T>(args, grad_pre, input_rows, hx_c,
+                                              output_c.view({s.rows, width}));
     });
   }
   return backward_result(args, input, weights, output_mask, grad_input, grad_hx, grad_directions);

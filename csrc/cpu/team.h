@@ -1,0 +1,104 @@
+// The CPU backend's threading: one OpenMP team per phase of a layer (the pool torch's own
+// at::parallel_for uses, sized by torch.set_num_threads), work split by partitions fixed by the
+// shapes, and per-phase counters that show which threads did the work and how long it took.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+
+namespace rnn_ext {
+namespace cpu {
+
+enum class Phase : int {
+  InputProjection = 0,
+  ForwardRecurrence,
+  BackwardRecurrence,
+  InputGradient,
+  WeightGradient,
+  Count
+};
+constexpr int kPhaseCount = static_cast<int>(Phase::Count);
+
+const char* phase_name(Phase phase);
+
+// Per phase since the last reset: calls, seconds of wall time, and a bit per thread (by its number
+// in the team) that did part of the phase's work. Read by the threading tests, through _C.
+struct PhaseCounters {
+  std::atomic<uint64_t> calls{0};
+  std::atomic<uint64_t> nanoseconds{0};
+  std::atomic<uint64_t> thread_mask{0};
+};
+PhaseCounters& phase_counters(Phase phase);
+void reset_phase_counters();
+
+// Times one phase call (scope) into its counters.
+class PhaseTimer {
+ public:
+  explicit PhaseTimer(Phase phase)
+      : counters_(phase_counters(phase)), start_(std::chrono::steady_clock::now()) {}
+  ~PhaseTimer() {
+    const auto elapsed = std::chrono::steady_clock::now() - start_;
+    counters_.calls.fetch_add(1, std::memory_order_relaxed);
+    counters_.nanoseconds.fetch_add(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(elapsed).count(),
+        std::memory_order_relaxed);
+  }
+  PhaseTimer(const PhaseTimer&) = delete;
+  PhaseTimer& operator=(const PhaseTimer&) = delete;
+
+ private:
+  PhaseCounters& counters_;
+  std::chrono::steady_clock::time_point start_;
+};
+
+inline void mark_worker(Phase phase, int thread) {
+  phase_counters(phase).thread_mask.fetch_or(uint64_t(1) << std::min(thread, 63),
+                                             std::memory_order_relaxed);
+}
+
+// Threads a phase may use: torch's intra-op thread count, or 1 inside someone's parallel region
+// (nested teams would oversubscribe the cores).
+inline int available_threads() {
+  if (at::in_parallel_region()) return 1;
+  return std::max(1, at::get_num_threads());
+}
+
+// Runs body(thread, team_size) on one team of torch's intra-op threads, or inline on the caller
+// when `parallel` is false or only one thread is available. The body may call team_barrier();
+// every thread of the team must reach each barrier. No num_threads clause, as in ATen's own
+// parallel_for: the team size comes from torch.set_num_threads (omp_set_num_threads).
+template <typename Body>
+void run_team(bool parallel, const Body& body) {
+  if (!parallel || available_threads() < 2) {
+    body(0, 1);
+    return;
+  }
+#pragma omp parallel
+  {
+    // Lets ATen code called by the body see that it runs inside a parallel region.
+    at::internal::ThreadIdGuard thread_id(omp_get_thread_num());
+    body(omp_get_thread_num(), omp_get_num_threads());
+  }
+}
+
+inline void team_barrier() {
+#pragma omp barrier
+}
+
+// Part `part` of `parts` equal parts of [0, count) in units of `unit` (the last part takes the
+// remainder): [begin, end).
+inline std::array<int64_t, 2> split_range(int64_t count, int64_t unit, int64_t part, int64_t parts) {
+  const int64_t units = (count + unit - 1) / unit;
+  const int64_t begin = units * part / parts * unit;
+  const int64_t end = units * (part + 1) / parts * unit;
+  return {std::min(begin, count), std::min(end, count)};
+}
+
+}  // namespace cpu
+}  // namespace rnn_ext
