@@ -477,28 +477,39 @@ def training_step_case(args, bar) -> dict:
 
 
 _MEMORY_PROBE = """
-import resource, sys, torch
+import sys, torch
 import rnn_ext
+
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024.0  # kB -> MiB
+    raise RuntimeError(field)
+
+
 torch.set_num_threads(int(sys.argv[2]))
 torch.manual_seed(0)
 rnn_class = torch.nn.RNN if sys.argv[1] == "nn.RNN" else rnn_ext.RNN
 model = rnn_class(128, 256, 2)
 x = torch.randn(2000, 32, 128)
-small = torch.randn(3, 32, 128)
-out, h = model(small)
+out, h = model(x[:3])
 (out.sum() + h.sum()).backward()
 model.zero_grad(set_to_none=True)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+del out, h
+before = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as clear:  # "5" resets the peak (VmHWM) to the current RSS
+    clear.write("5")
 out, h = model(x)
 (out.sum() + h.sum()).backward()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((after - before) / 1024.0)
+print(status("VmHWM") - before)
 """
 
 
 def memory_case(threads) -> dict:
-    """Growth of the peak resident set over one forward+backward at T=2000, B=32, I=128, H=256, two
-    layers, each side in a fresh process (RSS sees C++ allocations that tracemalloc does not)."""
+    """Growth of the peak resident set (VmHWM, reset just before) over one forward+backward at
+    T=2000, B=32, I=128, H=256, two layers, each side in a fresh process: RSS sees the C++
+    allocations that tracemalloc does not."""
     peaks = {}
     for side in ("nn.RNN", "rnn_ext"):
         result = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, side, str(threads)],

@@ -74,8 +74,8 @@ int64_t product_parts(int64_t macs, int64_t extent) {
 // Runs part(p) for p in [0, parts) over the team, contiguous runs of parts per thread, each part
 // a sequential BLAS call: the bits depend on the parts (the shapes), not on the threads.
 template <typename Part>
-void run_parts(Phase phase, int64_t parts, const Part& part) {
-  cpu::run_team(parts > 1, [&](int thread, int team) {
+void run_parts(Phase phase, int64_t parts, const Part& part, bool use_team = true) {
+  cpu::run_team(use_team && parts > 1, [&](int thread, int team) {
     // Worker threads start with the default dispatch state; this kernel runs below autograd.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     SequentialBlas sequential;
@@ -412,6 +412,9 @@ std::vector<DirectionGradients> weight_gradients(const LayerArgs& args,
     }
   }
   const int64_t parts = product_parts(macs, H);
+  // A few parts' worth of work runs its parts on the calling thread: a team's start would be the
+  // bulk of a latency-bound layer's weight gradient (T=1000, B=1, H=32: 1M multiply-adds).
+  const bool use_team = macs >= 4 * kPartWork;
   run_parts(Phase::WeightGradient, parts * D, [&](int64_t part) {
     const int64_t d = part / parts;
     const auto [begin, end] = cpu::split_range(H, 1, part % parts, parts);
@@ -442,7 +445,7 @@ std::vector<DirectionGradients> weight_gradients(const LayerArgs& args,
       for (const auto r : c10::irange(s.rows))
         for (const auto j : c10::irange(n)) sums[j] += rows[r * width + j];
     }
-  });
+  }, use_team);
   return grads;
 }
 
