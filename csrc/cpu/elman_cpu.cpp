@@ -59,9 +59,10 @@ constexpr int64_t kBlasWorkThreshold = 1 << 16;
 // eight threads, each large enough (about 10 us) to repay its share of starting a team.
 constexpr int64_t kPartWork = 1 << 19;
 constexpr int64_t kMaxParts = 8;
-// A time step's columns are split over the team only above this many multiply-adds: the barrier
-// after each step costs about a microsecond, which a 32 x 32 x 32 step would not repay.
-constexpr int64_t kStepParallelThreshold = 1 << 16;
+// A time step's columns are split over the team only above this many multiply-adds: measured on
+// two cores, a 32 x 128 x 128 step (0.5M) ran slower split than whole, the barrier after each
+// step and the cross-core traffic of h_t costing more than half the step.
+constexpr int64_t kStepParallelThreshold = 1 << 20;
 // Column granularity of a step split: two column panels, the widest block any kernel build writes.
 constexpr int64_t kColumnUnit(int64_t block) { return 2 * block; }
 
