@@ -68,7 +68,7 @@ CPU_TARGETS = {
     (200, 64, 256, 512, 1): {"forward": 1.0, "forward+backward": 1.5},
     (100, 64, 256, 512, 1): {"forward+backward": 1.3},
 }
-# One or two configs per hidden size, spread over the three CUDA regimes of DESIGN.md (W_hh in one
+# One or two configs per hidden size, spread over the three CUDA regimes of docs/design.md (W_hh in one
 # SM, W_hh across the chip, per-step GEMM) and over latency-bound (B=1, long T) and wider batches.
 CUDA_GRID = [
     (1000, 1, 64, 64, 1),
