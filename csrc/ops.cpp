@@ -3,6 +3,7 @@
 #include <torch/library.h>
 #include <torch/extension.h>
 
+#include "cpu/row_matmul.h"
 #include "cpu/team.h"
 
 TORCH_LIBRARY(rnn_ext, m) {
@@ -27,6 +28,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("built_with_cuda") = false;
 #endif
+  m.def("cpu_kernel", &rnn_ext::cpu::kernel_name,
+        "The build of the CPU kernel chosen for this CPU: AVX-512, AVX+FMA or baseline");
   m.def(
       "_cpu_phase_stats",
       [](bool reset) {

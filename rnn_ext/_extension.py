@@ -119,20 +119,8 @@ def _cpu_model() -> str:
 
 
 def cpu_kernel_path() -> str:
-    """The CPU kernel that runs here. The extension picks it at run time (csrc/cpu/row_matmul.cpp);
-    when _C can report its choice that answer is used, else the choice is inferred from the CPU
-    flags with the same rule as the C++."""
-    reported = getattr(_C, "cpu_kernel", None)
-    if reported is not None:
-        return f"{reported() if callable(reported) else reported} (reported by rnn_ext._C)"
-    flags = _cpu_flags()
-    if platform.machine() not in ("x86_64", "AMD64"):
-        path = "baseline"
-    elif {"avx", "fma"} <= flags:
-        path = "AVX+FMA"
-    else:
-        path = "baseline x86-64"
-    return f"{path} (inferred from /proc/cpuinfo: rnn_ext._C has no query for its choice)"
+    """The CPU kernel build that runs here, as the extension chose it at run time."""
+    return _C.cpu_kernel()
 
 
 def _openmp_in_extension() -> str:

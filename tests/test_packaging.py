@@ -137,12 +137,28 @@ def test_python_m_rnn_ext_prints_the_build_report():
     assert "CUDA" in fields
 
 
-def test_cpu_kernel_path_follows_the_cpu_flags(monkeypatch):
-    monkeypatch.setattr(_extension.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(_extension, "_cpu_flags", lambda: {"sse2", "avx", "fma", "avx2"})
-    assert _extension.cpu_kernel_path().startswith("AVX+FMA (inferred")
-    monkeypatch.setattr(_extension, "_cpu_flags", lambda: {"sse2", "avx"})
-    assert _extension.cpu_kernel_path().startswith("baseline x86-64 (inferred")
+def _kernel_in_subprocess(**env_changes):
+    env = {k: v for k, v in os.environ.items() if k != "RNN_EXT_NO_AVX512"}
+    env.update(env_changes)
+    code = "import rnn_ext; print(rnn_ext._C.cpu_kernel())"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_cpu_kernel_follows_the_cpu_flags():
+    """The kernel build _C reports is the one the CPU's flags allow, the report shows it, and
+    RNN_EXT_NO_AVX512 steps down from AVX-512 to AVX+FMA."""
+    flags = _extension._cpu_flags()
+    if {"avx512f", "avx512vl", "avx512dq", "fma"} <= flags:
+        expected = "AVX-512"
+    elif {"avx", "fma"} <= flags:
+        expected = "AVX+FMA"
+    else:
+        expected = "baseline"
+    assert _kernel_in_subprocess() == expected
+    assert _extension.cpu_kernel_path() == rnn_ext._C.cpu_kernel()
+    if {"avx", "fma"} <= flags:
+        assert _kernel_in_subprocess(RNN_EXT_NO_AVX512="1") == "AVX+FMA"
 
 
 @pytest.fixture(scope="module")

@@ -234,6 +234,12 @@ bool cpu_has_avx_fma() {
 
 }  // namespace
 
+const char* kernel_name() {
+  if (cpu_has_avx512()) return "AVX-512";
+  if (cpu_has_avx_fma()) return "AVX+FMA";
+  return "baseline";
+}
+
 template <typename T>
 void row_matmul(int64_t rows, const T* const* a_rows, const PackedMatrix<T>& b, T* const* c_rows,
                 bool accumulate, int64_t column_begin, int64_t column_end) {

@@ -52,7 +52,7 @@ void pack_matrix(PackedMatrix<T>& packed, const T* source, int64_t depth, int64_
 // [0, rows) and j in [column_begin, min(column_end, width)). Rows are given by pointer so the
 // recurrence can mix h0 rows with output rows; a column range lets threads split one product
 // (column_begin must be a multiple of column_block<T>()). Defined for float and double in
-// row_matmul.cpp, dispatched to an AVX+FMA build when the CPU has one.
+// row_matmul.cpp, dispatched to the AVX-512 or AVX+FMA build when the CPU has one.
 template <typename T>
 void row_matmul(int64_t rows, const T* const* a_rows, const PackedMatrix<T>& b, T* const* c_rows,
                 bool accumulate, int64_t column_begin = 0, int64_t column_end = INT64_MAX);
@@ -60,6 +60,9 @@ void row_matmul(int64_t rows, const T* const* a_rows, const PackedMatrix<T>& b, 
 // values[i] = tanh(values[i]) for i in [0, count).
 template <typename T>
 void tanh_inplace(T* values, int64_t count);
+
+// The build of the kernel that runs on this CPU: "AVX-512", "AVX+FMA" or "baseline".
+const char* kernel_name();
 
 }  // namespace cpu
 }  // namespace rnn_ext
