@@ -139,3 +139,32 @@ def test_kernel_builds_match_the_float64_reference(disable_avx512):
     result = subprocess.run([sys.executable, "-c", _KERNEL_PROBE], env=env, capture_output=True,
                             text=True, timeout=300, check=True)
     assert float(result.stdout.strip()) < 2e-5
+
+
+_SMALL_TEAM_PROBE = """
+import torch, rnn_ext
+torch.manual_seed(0)
+torch.set_num_threads(2)
+for bidirectional in (False, True):
+    ours = rnn_ext.RNN(16, 32, 2, bidirectional=bidirectional, dtype=torch.float64)
+    theirs = torch.nn.RNN(16, 32, 2, bidirectional=bidirectional, dtype=torch.float64)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(20, 4, 16, dtype=torch.float64, requires_grad=True)
+    out, h_n = ours(x)
+    ref_out, ref_h_n = theirs(x)
+    grad_ours = torch.autograd.grad((out.sum() + h_n.sum()), [x, *ours.parameters()])
+    grad_theirs = torch.autograd.grad((ref_out.sum() + ref_h_n.sum()), [x, *theirs.parameters()])
+    worst = max((a - b).abs().max().item()
+                for a, b in zip((out, h_n, *grad_ours), (ref_out, ref_h_n, *grad_theirs)))
+    assert worst < 1e-10, (bidirectional, worst)
+print("ok")
+"""
+
+
+def test_a_smaller_team_than_asked_for_still_computes_every_direction():
+    """OpenMP may grant fewer threads than torch asks for (OMP_THREAD_LIMIT, OMP_DYNAMIC): every
+    direction and gradient must still be computed."""
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    result = subprocess.run([sys.executable, "-c", _SMALL_TEAM_PROBE], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

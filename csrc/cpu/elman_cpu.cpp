@@ -216,10 +216,13 @@ template <typename Recurrence>
 void run_recurrences(const ElmanShape& s, Phase phase, int64_t block, const Recurrence& recurrence) {
   const int64_t H = s.hidden_size;
   if (s.directions == 2 && cpu::available_threads() >= 2) {
-    cpu::run_team(true, [&](int thread, int) {
-      if (thread >= 2) return;
-      cpu::mark_worker(phase, thread);
-      recurrence(thread, 0, H, false);
+    // OpenMP may grant a smaller team than asked for (OMP_THREAD_LIMIT, OMP_DYNAMIC): the team
+    // that runs covers both directions whatever its size.
+    cpu::run_team(true, [&](int thread, int team) {
+      for (int d = thread; d < 2; d += team) {
+        cpu::mark_worker(phase, thread);
+        recurrence(d, 0, H, false);
+      }
     });
     return;
   }

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <exception>
 
 namespace rnn_ext {
 namespace cpu {
@@ -79,12 +80,22 @@ void run_team(bool parallel, const Body& body) {
     body(0, 1);
     return;
   }
+  // An exception must not leave an OpenMP region (the process would terminate): the first one is
+  // kept and rethrown on the caller, as ATen's parallel_for does. Bodies that meet at
+  // team_barrier() must not throw between barriers.
+  std::exception_ptr error;
+  std::atomic<bool> failed{false};
 #pragma omp parallel
   {
     // Lets ATen code called by the body see that it runs inside a parallel region.
     at::internal::ThreadIdGuard thread_id(omp_get_thread_num());
-    body(omp_get_thread_num(), omp_get_num_threads());
+    try {
+      body(omp_get_thread_num(), omp_get_num_threads());
+    } catch (...) {
+      if (!failed.exchange(true)) error = std::current_exception();
+    }
   }
+  if (error) std::rethrow_exception(error);
 }
 
 inline void team_barrier() {
