@@ -1,5 +1,8 @@
 # rnn_ext: every target works from a fresh clone with nothing installed; it makes its own venv.
-#   make test        build (CPU torch) and run the test suite
+#   make test        build (CPU torch) and run the product's tests (every test without a tier marker)
+#   make check       everything CI runs: lint, every test tier, the CUDA compile and emulation checks,
+#                    the packaging check
+#   make lint        ruff (lint + format) and clang-format, checked; `make format` rewrites
 #   make demo        train the sine -> cosine example with nn.RNN and rnn_ext.RNN
 #   make bench       CPU (and CUDA, where present) benchmark against nn.RNN
 #   make fuzz        the long differential-fuzzing profile
@@ -21,7 +24,8 @@ DEPS := ninja pybind11 pytest hypothesis numpy matplotlib tqdm expecttest onnx o
 SOURCES := $(shell find csrc -type f) setup.py
 EXTENSION := $(VENV)/.rnn_ext-built
 
-.PHONY: all venv build test demo bench fuzz check-asan check-cuda check-cuda-emulated check-cuda-races dist-check clean
+.PHONY: all venv build test test-slow test-cuda test-tooling check lint format demo bench fuzz check-asan check-cuda \
+	check-cuda-emulated check-cuda-races dist-check clean
 
 all: test
 
@@ -47,8 +51,42 @@ $(EXTENSION): $(VENV)/.deps-installed $(SOURCES)
 
 build: $(EXTENSION)
 
+# Tiers are pytest markers declared in pyproject.toml: `make test` runs the unmarked ones, the
+# other targets one tier each.
 test: build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -m "not slow and not cuda and not emulation and not tooling"
+
+test-slow: build
+	$(PY) -m pytest -q tests -m "slow and not cuda"
+
+# The CUDA-only tests report themselves as skipped without a GPU.
+test-cuda: build
+	$(PY) -m pytest -q -rs tests -m cuda
+
+test-tooling: build
+	$(PY) -m pytest -q tools -m "not cuda"
+
+check: lint test test-slow test-tooling check-cuda check-cuda-emulated dist-check
+
+LINT_VENV ?= .venv-lint
+LINT_DEPS := ruff==0.17.6 clang-format==23.1.5
+CXX_SOURCES = $(shell git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' \
+	'tests/cuda_emulation/*.h' 'tests/cuda_emulation/*.cpp' 'tests/cuda_emulation/include/*.h')
+
+$(LINT_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/pip install --quiet $(LINT_DEPS)
+	touch $@
+
+lint: $(LINT_VENV)/.installed
+	$(LINT_VENV)/bin/ruff check .
+	$(LINT_VENV)/bin/ruff format --check .
+	$(LINT_VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+
+format: $(LINT_VENV)/.installed
+	$(LINT_VENV)/bin/ruff check --fix .
+	$(LINT_VENV)/bin/ruff format .
+	$(LINT_VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 demo: build
 	$(PY) examples/sine_to_cosine.py
@@ -63,10 +101,10 @@ check-asan: $(VENV)/.deps-installed
 	bash scripts/check_asan.sh
 
 check-cuda:
-	CUDA_TORCH="$(CUDA_TORCH)" bash scripts/check_cuda.sh
+	CUDA_TORCH="$(CUDA_TORCH)" bash tools/gpu/check_cuda.sh
 
 check-cuda-emulated: build
-	$(PY) -m pytest -q tests/test_cuda_emulation.py
+	$(PY) -m pytest -q tests -m emulation
 
 check-cuda-races:
 	$(PYTHON) tests/cuda_emulation/build.py races
@@ -77,4 +115,4 @@ dist-check:
 	PYTHON="$(PYTHON)" TORCH="$(TORCH)" MAX_JOBS=$${MAX_JOBS:-2} bash scripts/dist_check.sh
 
 clean:
-	rm -rf build build-* dist $(VENV) .venv-* rnn_ext/*.so rnn_ext/_build_info.py *.egg-info
+	rm -rf build build-* dist $(VENV) $(LINT_VENV) .venv-* rnn_ext/*.so rnn_ext/_build_info.py *.egg-info

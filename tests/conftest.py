@@ -8,6 +8,15 @@ pytest.register_assert_rewrite("helpers")
 import helpers  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    if helpers.HAS_CUDA_KERNELS:
+        return
+    skip = pytest.mark.skip(reason=helpers.CUDA_SKIP_REASON)
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(params=helpers.DEVICES)
 def device(request):
     return request.param

@@ -21,10 +21,10 @@ _spec = importlib.util.spec_from_file_location("emulation_build", os.path.join(H
 emulation_build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(emulation_build)
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.emulation, pytest.mark.skipif(
     shutil.which("g++") is None or not emulation_build.cuda_headers_available(),
     reason="needs g++ and the CUDA toolkit headers (cuda_fp16.h)",
-)
+)]
 
 SCALAR_TYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 REGIMES = {"auto": 0, "single_block": 1, "cooperative": 2, "step_gemm": 3}

@@ -10,10 +10,9 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from rnn_ext.layers import composite_layer
 
-from helpers import layer_on, ours_and_reference, random_layer, requires_cuda
+from helpers import DEVICES, layer_on, ours_and_reference, random_layer
 
 # CUDA cases are listed (and skipped) everywhere, so that a run without a GPU says so.
-DEVICE_PARAMS = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 CONFIGS = list(itertools.product([1, 2], [False, True], [False, True], ["tanh", "relu"]))
 
@@ -57,7 +56,7 @@ def fused_op_calls(fn):
     return sum(event.count for event in profile.key_averages() if event.key == "rnn_ext::elman_forward")
 
 
-@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("with_hx", [False, True])
 def test_func_grad_matches_nn_rnn_and_backward(device, config, with_hx):
@@ -72,7 +71,7 @@ def test_func_grad_matches_nn_rnn_and_backward(device, config, with_hx):
         torch.testing.assert_close(ours_grads[name], parameter.grad, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config", CONFIGS[::3])
 def test_vjp_jacrev_jacfwd_jvp_hessian_match_nn_rnn(device, config):
     ours, theirs = make_pair(config, device)
@@ -111,7 +110,7 @@ def test_vjp_jacrev_jacfwd_jvp_hessian_match_nn_rnn(device, config):
     torch.testing.assert_close(ours_vjp(cotangent), theirs_vjp(cotangent), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config", CONFIGS[::2])
 def test_forward_ad_tangent_matches_nn_rnn_and_finite_difference(device, config):
     ours, theirs = make_pair(config, device)
@@ -131,7 +130,7 @@ def test_forward_ad_tangent_matches_nn_rnn_and_finite_difference(device, config)
         torch.testing.assert_close(tangent, (high - low) / (2 * eps), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("device", DEVICES)
 def test_forward_ad_tangent_on_a_weight(device):
     config = (2, True, True, "tanh")
     ours, theirs = make_pair(config, device)
@@ -148,7 +147,7 @@ def test_forward_ad_tangent_on_a_weight(device):
     torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config", CONFIGS[::3])
 def test_vectorized_jacobian_matches_nn_rnn_and_runs_the_fused_forward(device, config):
     ours, theirs = make_pair(config, device)
@@ -163,7 +162,7 @@ def test_vectorized_jacobian_matches_nn_rnn_and_runs_the_fused_forward(device, c
         lambda inp: ours(inp, hx)[0], x, vectorize=True)) == config[0]
 
 
-@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config", [(1, False, False, "tanh"), (2, True, True, "relu")])
 def test_gradcheck_with_batched_grad_and_forward_ad(device, config):
     x = make_input(config, device, batch=2, steps=3).requires_grad_(True)
@@ -181,7 +180,7 @@ def test_gradcheck_with_batched_grad_and_forward_ad(device, config):
         assert torch.autograd.gradgradcheck(fn, args, check_batched_grad=True)
 
 
-@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config", CONFIGS[::2])
 def test_per_sample_grads_by_vmap_match_a_loop(device, config):
     ours, theirs = make_pair(config, device)
@@ -208,7 +207,7 @@ def test_per_sample_grads_by_vmap_match_a_loop(device, config):
             torch.testing.assert_close(per_sample[name][index], value, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("device", DEVICES)
 def test_vmap_of_forward_matches_a_loop_with_unbatched_samples(device):
     config = (2, True, False, "tanh")
     ours, theirs = make_pair(config, device)
@@ -235,7 +234,7 @@ def op_args(device, batch=3, steps=4, packed=False, seed=0):
                     device)
 
 
-@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("batched", ["input", "hx", "input+hx", "weights"])
 def test_elman_forward_batching_rule_matches_a_loop(device, packed, batched):
@@ -270,7 +269,7 @@ def test_elman_forward_batching_rule_matches_a_loop(device, packed, batched):
             torch.testing.assert_close(got, truth, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("mask", [(True, True, True), (False, True, False), (True, False, True)])
 def test_elman_backward_batching_rule_matches_a_loop(device, packed, mask):

@@ -15,10 +15,9 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnn_ext
 
-from helpers import ours_and_reference, requires_cuda
+from helpers import DEVICES, ours_and_reference
 
 # CUDA cases are listed (and skipped) everywhere, so that a run without a GPU says so.
-DEVICE_PARAMS = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,7 +67,7 @@ def assert_all_close(actual, expected, tol=1e-10):
         torch.testing.assert_close(a, e, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kwargs", [dict(), dict(num_layers=2, bidirectional=True, batch_first=True),
                                     dict(nonlinearity="relu", num_layers=3, bias=False)])
 def test_scripted_rnn_matches_eager_and_nn_rnn(device, kwargs):
@@ -95,7 +94,7 @@ def test_scripted_rnn_matches_eager_and_nn_rnn(device, kwargs):
     torch.testing.assert_close(dx, x.grad, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("with_hx", [False, True])
 def test_scripted_packed_model_matches_nn_rnn(device, with_hx):
     torch.manual_seed(0)
@@ -147,7 +146,7 @@ def test_scripted_model_save_load_round_trip_and_fresh_process(tmp_path):
     assert result.returncode != 0 and "rnn_ext::elman_forward" in result.stderr
 
 
-@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("device", DEVICES)
 def test_trace_passes_default_checks_and_generalises(device):
     torch.manual_seed(0)
     model = Tagger(rnn_ext.RNN).to(device=device, dtype=torch.float64)

@@ -147,6 +147,7 @@ def test_compile_fullgraph_aot_eager_matches_eager(device, config, fresh_dynamo)
     assert all(elman_calls(graph.graph) == model_config["num_layers"] for graph in counter.graphs)
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_inductor_dynamic_shapes_match_eager(device, fresh_dynamo):
     config = dict(num_layers=2, bidirectional=True, batch_first=True)
     model = make_tagger(rnn_ext.RNN, device, **config)
@@ -414,6 +415,7 @@ def distributed_worker(rank, world_size, init_file, initial_file, result_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
 def test_ddp_and_fsdp2_two_processes_match_single_process_nn_rnn(tmp_path, monkeypatch):

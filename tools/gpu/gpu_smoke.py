@@ -1,9 +1,9 @@
 """One forward+backward of one CUDA recurrence regime against the float64 CPU op: the first thing a
-GPU run tries after the build. benchmarks/gpu_check.sh runs each regime in its own process under
+GPU run tries after the build. tools/gpu/gpu_check.sh runs each regime in its own process under
 `timeout`, so a regime that hangs is named by its stage, and the progress lines below say whether
 the forward or the backward hung.
 
-    python benchmarks/gpu_smoke.py --regime single_block|cooperative|step_gemm
+    python tools/gpu/gpu_smoke.py --regime single_block|cooperative|step_gemm
 
 The last line is "smoke: regime=... status=ok|mismatch|error max_relative_error=... seconds=...".
 """

@@ -2,9 +2,9 @@
 # The one prepared run for a GPU machine: preflight, build, a smoke run per recurrence regime, the
 # CUDA tests, compute-sanitizer on every kernel path, the benchmark against cuDNN. Needs no network.
 #
-#   bash benchmarks/gpu_check.sh             # the run (from any folder; it works in the repo root)
-#   bash benchmarks/gpu_check.sh --dry-run   # the stages, commands and timeouts; runs nothing
-#   GPU_CHECK_BUDGET_S=150 bash benchmarks/gpu_check.sh --only build,tests_rest   # a shorter rerun
+#   bash tools/gpu/gpu_check.sh             # the run (from any folder; it works in the repo root)
+#   bash tools/gpu/gpu_check.sh --dry-run   # the stages, commands and timeouts; runs nothing
+#   GPU_CHECK_BUDGET_S=150 bash tools/gpu/gpu_check.sh --only build,tests_rest   # a shorter rerun
 #
 # On a lent GPU machine: this one command, with build-gpu/ carried along and a 480 s limit.
 #
@@ -20,7 +20,7 @@
 # folder when unset), written as the run goes:
 #   gpu_check.log          every stage's output, appended while the stage runs
 #   stages.tsv             stage, status, rc, seconds, limit, note; rewritten after every stage
-#   <stamp>-<gpu>.json     the record (scripts/gpu_report.py): stage statuses, versions, device
+#   <stamp>-<gpu>.json     the record (tools/gpu/gpu_report.py): stage statuses, versions, device
 #                          properties, test counts, smoke, sanitizer and benchmark results, ptxas
 #                          report, csrc_sha256; rewritten after every stage, also kept in
 #                          benchmarks/results/
@@ -29,14 +29,14 @@
 #                          into build-gpu/prebuilt/ (the key covers csrc/ and setup.py)
 #
 # expecttest (torch.library.opcheck needs it; the GPU machine lacks it): carried as a wheel.
-# `bash scripts/fetch_gpu_wheels.sh` once, here, puts it in build-gpu/wheels/ (ignored by git,
+# `bash tools/gpu/fetch_gpu_wheels.sh` once, here, puts it in build-gpu/wheels/ (ignored by git,
 # named in carry); the run pip-installs it --no-index into a temporary folder on PYTHONPATH.
 # Without it the opcheck tests skip and the run goes on.
 set -uo pipefail
 START="$(date +%s)"  # the budget counts from here: set-up time is the run's too
-cd "$(dirname "$0")/.." || exit 1
+cd "$(dirname "$0")/../.." || exit 1
 ROOT="$PWD"
-SELF="$ROOT/benchmarks/gpu_check.sh"
+SELF="$ROOT/tools/gpu/gpu_check.sh"
 PY="${PYTHON:-python3}"
 
 DRY_RUN=0
@@ -90,8 +90,8 @@ done
 GRID_FLOAT32="${GRID_FLOAT32%;}"
 GRID_HALF="${GRID_HALF%;}"
 
-# shellcheck source=scripts/cuda_env.sh
-source "$ROOT/scripts/cuda_env.sh"
+# shellcheck source=tools/gpu/cuda_env.sh
+source "$ROOT/tools/gpu/cuda_env.sh"
 HAVE_NVCC=1
 cuda_env_setup "$PY" || HAVE_NVCC=0
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}" RNN_EXT_CUDA=1 RNN_EXT_PTXAS_VERBOSE=1
@@ -104,7 +104,7 @@ export PYTHONPATH="$ROOT:$WHEEL_SITE${PYTHONPATH:+:$PYTHONPATH}"
 # --step build (run by the build stage under its timeout): the carried prebuilt extension when its
 # key matches, else a fresh build; then the op-kernel check, and a copy of the .so for a rerun.
 if [ "$STEP" = build ]; then
-  key="$("$PY" scripts/gpu_report.py build-key)" || exit 1
+  key="$("$PY" tools/gpu/gpu_report.py build-key)" || exit 1
   suffix="$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')" || exit 1
   prebuilt="build-gpu/prebuilt/rnn_ext_C-$key.so"
   if [ -f "$prebuilt" ]; then
@@ -114,7 +114,7 @@ if [ "$STEP" = build ]; then
     echo "build: MAX_JOBS=$MAX_JOBS RNN_EXT_CUDA_ARCH='$RNN_EXT_CUDA_ARCH' CUDA_HOME=$CUDA_HOME"
     "$PY" setup.py build_ext --inplace || exit 1
   fi
-  "$PY" scripts/gpu_report.py ops || exit 1
+  "$PY" tools/gpu/gpu_report.py ops || exit 1
   # Without its host debug information (-g makes it 24 MB, over the 16 MB a returned file may
   # have); the kernels' line information lives in the fatbinary and stays.
   copy="${OUT:-}/rnn_ext_C-$key.so"
@@ -158,7 +158,7 @@ sanitizer_args() {
   SANITIZE=("${COMPUTE_SANITIZER:-compute-sanitizer}" --tool "$1" --report-api-errors no --error-exitcode 1)
   # cuBLAS is not ours to race-check, and is slow under racecheck and synccheck.
   if [ "$1" != memcheck ]; then SANITIZE+=(${SANITIZER_FILTER[@]+"${SANITIZER_FILTER[@]}"}); fi
-  SANITIZE+=("$PY" benchmarks/sanitizer_cases.py)
+  SANITIZE+=("$PY" tools/gpu/sanitizer_cases.py)
   if [ -n "$skip" ]; then SANITIZE+=(--skip-regimes "$skip"); fi
 }
 
@@ -169,16 +169,16 @@ stage_command() {
     wheels)
       CMD=("$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade
         --target "$WHEEL_SITE" build-gpu/wheels/*.whl) ;;
-    preflight) CMD=("$PY" scripts/gpu_report.py probe --out "$LOGS/preflight.json") ;;
+    preflight) CMD=("$PY" tools/gpu/gpu_report.py probe --out "$LOGS/preflight.json") ;;
     build) CMD=(bash "$SELF" --step build) ;;
-    smoke_*) CMD=("$PY" benchmarks/gpu_smoke.py --regime "${stage#smoke_}") ;;
+    smoke_*) CMD=("$PY" tools/gpu/gpu_smoke.py --regime "${stage#smoke_}") ;;
     test_cuda)
       pytest_args test_cuda 90 ""
       CMD=("$PY" -m pytest tests/test_cuda.py -v ${XDIST_FEW[@]+"${XDIST_FEW[@]}"} "${PYTEST[@]}") ;;
     tests_rest)
       # The CPU half of the suite ran in CI; here the cases parametrised on the cuda device.
       pytest_args tests_rest 120 "cuda"
-      CMD=("$PY" -m pytest tests --ignore tests/test_cuda.py --ignore tests/test_gpu_check.py -v
+      CMD=("$PY" -m pytest tests --ignore tests/test_cuda.py --ignore tools/gpu/tests/test_gpu_check.py -v
         ${XDIST_MANY[@]+"${XDIST_MANY[@]}"} "${PYTEST[@]}") ;;
     memcheck | racecheck | synccheck)
       sanitizer_args "$stage"
@@ -218,7 +218,7 @@ if ((DRY_RUN)); then
   LOGS='$LOGS'
   echo "gpu_check dry run: budget ${BUDGET} s (GPU_CHECK_BUDGET_S, at most ${MAX_BUDGET}), ${RESERVE} s kept" \
     "for the record, kill-after ${KILL_AFTER} s; nvcc: ${NVCC:-none}, compute-sanitizer: ${COMPUTE_SANITIZER:-none}"
-  echo "csrc_sha256: $("$PY" scripts/gpu_report.py csrc-sha256)"
+  echo "csrc_sha256: $("$PY" tools/gpu/gpu_report.py csrc-sha256)"
   clock=0
   index=0
   for stage in "${STAGES[@]}"; do
@@ -239,9 +239,9 @@ if ((DRY_RUN)); then
     stage_command "$stage"
     echo "stage $index $stage timeout=${CAP[$stage]}s min=${MIN[$stage]}s worst_case=$worst: $(quote_command "${CMD[@]}")"
     if [ "$stage" = build ]; then
-      echo "    which reuses build-gpu/prebuilt/rnn_ext_C-$("$PY" scripts/gpu_report.py build-key).so if carried, else runs:"
+      echo "    which reuses build-gpu/prebuilt/rnn_ext_C-$("$PY" tools/gpu/gpu_report.py build-key).so if carried, else runs:"
       echo "    MAX_JOBS=$MAX_JOBS RNN_EXT_CUDA=1 RNN_EXT_PTXAS_VERBOSE=1 RNN_EXT_CUDA_ARCH='$RNN_EXT_CUDA_ARCH'" \
-        "$PY setup.py build_ext --inplace; then $PY scripts/gpu_report.py ops"
+        "$PY setup.py build_ext --inplace; then $PY tools/gpu/gpu_report.py ops"
     fi
   done
   echo "total: budget=${BUDGET}s worst_case_stages=${clock}s worst_case_end=$((clock + RESERVE))s"
@@ -264,7 +264,7 @@ echo "gpu_check: budget ${BUDGET} s, outputs in $OUT, logs in $LOGS"
 
 write_record() {
   if [ -n "$GPU_SLUG" ]; then
-    timeout 30 "$PY" scripts/gpu_report.py record --logs "$LOGS" --stamp "$STAMP" --name "$GPU_SLUG" \
+    timeout 30 "$PY" tools/gpu/gpu_report.py record --logs "$LOGS" --stamp "$STAMP" --name "$GPU_SLUG" \
       --out-dir "$OUT" --out-dir benchmarks/results --budget "$BUDGET" --elapsed "$(elapsed)" "$@"
   fi
 }
@@ -341,7 +341,7 @@ run_stage() {
   fi
   if [ -f "$LOGS/junit-$stage.xml" ]; then cp "$LOGS/junit-$stage.xml" "$OUT/"; fi
   if [ "$stage" = build ]; then
-    "$PY" scripts/gpu_report.py ptxas "$LOGS/build.log" >"$OUT/ptxas.txt" 2>&1
+    "$PY" tools/gpu/gpu_report.py ptxas "$LOGS/build.log" >"$OUT/ptxas.txt" 2>&1
   fi
   note=""
   if [[ "$stage" == smoke_* ]] && [ "$status" = timeout ]; then
@@ -355,7 +355,7 @@ BUILT=0
 for stage in "${STAGES[@]}"; do
   run_stage "$stage"
   case "$stage" in
-    preflight) GPU_SLUG="$("$PY" scripts/gpu_report.py gpu-slug "$LOGS/preflight.json")"; write_record >/dev/null ;;
+    preflight) GPU_SLUG="$("$PY" tools/gpu/gpu_report.py gpu-slug "$LOGS/preflight.json")"; write_record >/dev/null ;;
     build)
       if [ "${STATUS[build]}" = ok ]; then
         BUILT=1

@@ -1,9 +1,9 @@
 """Small forward+backward cases on every CUDA recurrence path, each checked against the CPU op in
-float64. benchmarks/gpu_check.sh runs them under compute-sanitizer (memcheck, racecheck, synccheck);
-benchmarks/gpu_smoke.py reuses the checker. Prints "start NAME" before each case, so that a hang
+float64. tools/gpu/gpu_check.sh runs them under compute-sanitizer (memcheck, racecheck, synccheck);
+tools/gpu/gpu_smoke.py reuses the checker. Prints "start NAME" before each case, so that a hang
 under the sanitizer is named, and exits non-zero on a mismatch or an error.
 
-    python benchmarks/sanitizer_cases.py [--cases NAME,...] [--skip-regimes REGIME,...] [--list]
+    python tools/gpu/sanitizer_cases.py [--cases NAME,...] [--skip-regimes REGIME,...] [--list]
 """
 from __future__ import annotations
 

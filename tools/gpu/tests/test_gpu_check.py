@@ -1,4 +1,4 @@
-"""The GPU-run harness without a GPU: benchmarks/gpu_check.sh's dry run (stages, order, timeouts,
+"""The GPU-run harness without a GPU: tools/gpu/gpu_check.sh's dry run (stages, order, timeouts,
 budget), the sanitizer case list, the csrc/ hash against its shell pipeline, the JSON record from
 fake stage outputs, and make check-cuda's loud skip without nvcc."""
 import functools
@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-GPU_CHECK = REPO / "benchmarks" / "gpu_check.sh"
+pytestmark = pytest.mark.tooling
+
+REPO = Path(__file__).resolve().parents[3]
+TOOLS = REPO / "tools" / "gpu"
+GPU_CHECK = TOOLS / "gpu_check.sh"
 STAGES = [
     "wheels", "preflight", "build", "smoke_single_block", "smoke_cooperative", "smoke_step_gemm",
     "test_cuda", "memcheck", "racecheck", "synccheck", "bench_float32", "tests_rest", "bench_float16",
@@ -34,8 +37,8 @@ def load(name, path):
     return module
 
 
-report = load("gpu_report", REPO / "scripts" / "gpu_report.py")
-sanitizer_cases = load("sanitizer_cases", REPO / "benchmarks" / "sanitizer_cases.py")
+report = load("gpu_report", TOOLS / "gpu_report.py")
+sanitizer_cases = load("sanitizer_cases", TOOLS / "sanitizer_cases.py")
 
 
 def dry_run(*args, budget=None, out=None):
@@ -75,9 +78,9 @@ def test_dry_run_lists_every_stage_in_order_with_a_timeout(untouched_out):
         assert command.strip(), name
         commands[name] = command
     for regime in ("single_block", "cooperative", "step_gemm"):
-        assert f"benchmarks/gpu_smoke.py --regime {regime}" in commands[f"smoke_{regime}"]
+        assert f"tools/gpu/gpu_smoke.py --regime {regime}" in commands[f"smoke_{regime}"]
     for tool in ("memcheck", "racecheck", "synccheck"):
-        assert f"--tool {tool}" in commands[tool] and "benchmarks/sanitizer_cases.py" in commands[tool]
+        assert f"--tool {tool}" in commands[tool] and "tools/gpu/sanitizer_cases.py" in commands[tool]
     assert "tests/test_cuda.py" in commands["test_cuda"]
     assert "faulthandler_timeout=60" in commands["test_cuda"]
     assert "--ignore tests/test_cuda.py" in commands["tests_rest"]
@@ -207,8 +210,8 @@ def test_sanitizer_cases_run_and_meet_their_tolerance_on_the_cpu(case, monkeypat
 
 
 def test_smoke_covers_every_regime(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    smoke = load("gpu_smoke", REPO / "benchmarks" / "gpu_smoke.py")
+    monkeypatch.syspath_prepend(str(TOOLS))
+    smoke = load("gpu_smoke", TOOLS / "gpu_smoke.py")
     assert set(smoke.SMOKE) == set(sanitizer_cases.REGIMES)
     assert all(case.regime == regime for regime, case in smoke.SMOKE.items())
 
@@ -428,7 +431,7 @@ def test_probe_writes_its_record_when_it_breaks(tmp_path, monkeypatch):
 
 def test_check_cuda_without_nvcc_skips_loudly_and_fails_under_ci():
     env = {"PATH": "/usr/bin:/bin", "CUDA_HOME": "/nonexistent", "HOME": os.environ.get("HOME", "/")}
-    script = str(REPO / "scripts" / "check_cuda.sh")
+    script = str(TOOLS / "check_cuda.sh")
     done = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0 and "SKIPPED" in done.stdout and "NOT compiled" in done.stdout
     done = subprocess.run(["bash", script], capture_output=True, text=True, env=dict(env, CI="true"), timeout=60)

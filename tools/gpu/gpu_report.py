@@ -1,12 +1,12 @@
-"""Helpers of the CUDA checks (benchmarks/gpu_check.sh, scripts/check_cuda.sh): the csrc/ hash, the
+"""Helpers of the CUDA checks (tools/gpu/gpu_check.sh, tools/gpu/check_cuda.sh): the csrc/ hash, the
 device probe, the ptxas report, the op-kernel check and the JSON record of a GPU run.
 
-    python scripts/gpu_report.py csrc-sha256
-    python scripts/gpu_report.py probe --out preflight.json      # needs torch (and a GPU to pass)
-    python scripts/gpu_report.py ptxas build.log                  # registers/spills/stack per kernel
-    python scripts/gpu_report.py ops                              # every rnn_ext op has a CUDA kernel
-    python scripts/gpu_report.py record --logs DIR --stamp S --name GPU --out-dir OUT
-    python scripts/gpu_report.py summary RECORD.json
+    python tools/gpu/gpu_report.py csrc-sha256
+    python tools/gpu/gpu_report.py probe --out preflight.json      # needs torch (and a GPU to pass)
+    python tools/gpu/gpu_report.py ptxas build.log                  # registers/spills/stack per kernel
+    python tools/gpu/gpu_report.py ops                              # every rnn_ext op has a CUDA kernel
+    python tools/gpu/gpu_report.py record --logs DIR --stamp S --name GPU --out-dir OUT
+    python tools/gpu/gpu_report.py summary RECORD.json
 
 Only `probe` and `ops` import torch: the record is rewritten after every stage of a GPU run and must
 stay cheap and work whatever state the run is in.
@@ -27,7 +27,7 @@ import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 REGIMES = ("single_block", "cooperative", "step_gemm")
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck")
 PYTEST_STAGES = ("test_cuda", "tests_rest")

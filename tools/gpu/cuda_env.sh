@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# CUDA toolchain discovery shared by scripts/check_cuda.sh and benchmarks/gpu_check.sh; sourced,
+# CUDA toolchain discovery shared by tools/gpu/check_cuda.sh and tools/gpu/gpu_check.sh; sourced,
 # never run. `cuda_env_setup PYTHON` exports NVCC, CUDA_HOME, PATH and CPATH for building against the
 # torch of PYTHON, and COMPUTE_SANITIZER when one is installed; it returns 1 when there is no nvcc.
 

@@ -5,15 +5,15 @@
 # ninja rebuilds only what changed. Without nvcc it says SKIPPED loudly, and fails under CI=true or
 # CHECK_CUDA_REQUIRED=1, where a skip would hide that nothing was compiled.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 PYTHON="${PYTHON:-python3}"
 VENV="${CUDA_VENV:-.venv-cuda}"
 # make check-cuda passes the Makefile's CUDA_TORCH; this default is for running the script alone.
 CUDA_TORCH="${CUDA_TORCH:-torch==2.14.1}"
 
-# shellcheck source=scripts/cuda_env.sh
-source scripts/cuda_env.sh
+# shellcheck source=tools/gpu/cuda_env.sh
+source tools/gpu/cuda_env.sh
 if [ -z "$(cuda_env_find_nvcc)" ]; then
   echo "================================================================================"
   echo "check-cuda: SKIPPED: nvcc not found, so the CUDA sources were NOT compiled."
@@ -50,4 +50,4 @@ RNN_EXT_CUDA=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" setup.py --quiet build --b
 
 # Import from the build directory, not the source tree (whose rnn_ext/ holds the CPU build).
 LIB_DIR="$(ls -d "$PWD"/build-cuda/lib.* | head -n 1)"
-PYTHONPATH="$LIB_DIR" "$PY" scripts/gpu_report.py ops
+PYTHONPATH="$LIB_DIR" "$PY" tools/gpu/gpu_report.py ops
