@@ -18,6 +18,7 @@ Environment switches (all read at build time):
   RNN_EXT_DEBUG=1           -O0 -g on the C++, for a debugger.
   MAX_JOBS                  parallel compile jobs (torch's switch; ninja's default otherwise).
 """
+
 import glob
 import os
 import re
@@ -73,7 +74,11 @@ def cxx_and_link_flags():
     # The variants append: a later -O wins, and everything else in the base flags stays.
     if os.environ.get("RNN_EXT_SANITIZE"):
         # make check-asan: AddressSanitizer + UndefinedBehaviorSanitizer on the C++ sources.
-        sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+        sanitize = [
+            "-fsanitize=address,undefined",
+            "-fno-omit-frame-pointer",
+            "-fno-sanitize-recover=undefined",
+        ]
         cxx += ["-O1", "-g"] + sanitize
         link += sanitize
     if os.environ.get("RNN_EXT_DEBUG"):

@@ -13,12 +13,11 @@ peak memory of a long forward+backward (each side in a fresh subprocess).
 A config is T,B,I,H,layers, then optional flags: bidir (bidirectional), tm (time-major input;
 batch-first otherwise).
 """
+
 from __future__ import annotations
 
 import argparse
 import datetime
-import resource
-import time
 import json
 import os
 import platform
@@ -26,6 +25,7 @@ import re
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,8 +34,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 import torch  # noqa: E402
-import torch.utils.benchmark as benchmark  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import torch.utils.benchmark as benchmark  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -82,13 +82,16 @@ CUDA_GRID = [
     (1000, 4, 1024, 1024, 1),
     (100, 16, 2048, 2048, 1),
 ]
-DTYPES = {"float32": torch.float32, "float64": torch.float64,
-          "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 CPU_DTYPES = ("float32", "float64")  # what rnn_ext's CPU kernels implement
 # How far apart the two sides' outputs may be before the table flags it: a timing of two modules
 # computing different things would be meaningless. Loose on purpose; the tests check parity.
-OUTPUT_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 5e-2,
-                    torch.bfloat16: 1e-1}
+OUTPUT_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
 
 
 FLAGS = ("bidir", "tm")
@@ -120,8 +123,9 @@ class Result:
     @property
     def spread(self) -> float:
         """(slowest - fastest round) / median, the worst side: how far to trust a ratio."""
-        return max((max(rounds) - min(rounds)) / statistics.median(rounds)
-                   for rounds in self.rounds_us.values())
+        return max(
+            (max(rounds) - min(rounds)) / statistics.median(rounds) for rounds in self.rounds_us.values()
+        )
 
 
 def parse_configs(text: str) -> list[tuple]:
@@ -136,7 +140,8 @@ def parse_configs(text: str) -> list[tuple]:
         if len(values) != 5 or min(values) < 1 or any(f not in FLAGS for f in flags):
             raise argparse.ArgumentTypeError(
                 f"config {item!r}: expected five positive integers T,B,I,H,layers, then optional "
-                f"flags from {FLAGS}")
+                f"flags from {FLAGS}"
+            )
         configs.append(values + flags)
     if not configs:
         raise argparse.ArgumentTypeError("--configs: no config given")
@@ -146,7 +151,8 @@ def parse_configs(text: str) -> list[tuple]:
 def config_label(config) -> str:
     seq_len, batch, inputs, hidden, layers = config[:5]
     return f"T={seq_len} B={batch} I={inputs} H={hidden} L={layers}" + "".join(
-        f" {flag}" for flag in config[5:])
+        f" {flag}" for flag in config[5:]
+    )
 
 
 def config_flops(config) -> float:
@@ -173,7 +179,8 @@ def cpu_flags() -> dict:
 
 def cuda_usable() -> bool:
     return torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "rnn_ext::elman_forward", "CUDA")
+        "rnn_ext::elman_forward", "CUDA"
+    )
 
 
 def cpu_model() -> str:
@@ -188,11 +195,15 @@ def cpu_model() -> str:
 
 def git_state() -> dict:
     def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
     try:
-        return {"commit": git("rev-parse", "HEAD"),
-                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        return {
+            "commit": git("rev-parse", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        }
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None}
 
@@ -217,13 +228,15 @@ def machine_record(devices, threads, git, load_at_start) -> dict:
     }
     if "cuda" in devices:
         properties = torch.cuda.get_device_properties(0)
-        record.update({
-            "cuda_device": torch.cuda.get_device_name(0),
-            "cuda_capability": f"{properties.major}.{properties.minor}",
-            "cuda_sm_count": properties.multi_processor_count,
-            "cuda_runtime": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version(),
-        })
+        record.update(
+            {
+                "cuda_device": torch.cuda.get_device_name(0),
+                "cuda_capability": f"{properties.major}.{properties.minor}",
+                "cuda_sm_count": properties.multi_processor_count,
+                "cuda_runtime": torch.version.cuda,
+                "cudnn": torch.backends.cudnn.version(),
+            }
+        )
     return record
 
 
@@ -239,7 +252,6 @@ def default_output(devices) -> Path:
     return RESULTS / f"{stamp}-{machine}.json"
 
 
-
 def make_pair(config, device, dtype, seed):
     """nn.RNN and rnn_ext.RNN with the same weights, an input, h0 and upstream gradients."""
     seq_len, batch, inputs, hidden, layers = config[:5]
@@ -247,8 +259,9 @@ def make_pair(config, device, dtype, seed):
     batch_first = "tm" not in config[5:]
     directions = 2 if bidirectional else 1
     torch.manual_seed(seed)
-    kwargs = dict(num_layers=layers, batch_first=batch_first, bidirectional=bidirectional,
-                  device=device, dtype=dtype)
+    kwargs = dict(
+        num_layers=layers, batch_first=batch_first, bidirectional=bidirectional, device=device, dtype=dtype
+    )
     reference = nn.RNN(inputs, hidden, **kwargs)
     candidate = rnn_ext.RNN(inputs, hidden, **kwargs)
     candidate.load_state_dict(reference.state_dict())
@@ -282,7 +295,7 @@ class LoopRNN(nn.Module):
                 h = h0[layer * directions + direction]
                 steps = range(x.shape[1] if r.batch_first else x.shape[0])
                 states = [None] * len(steps)
-                for t in (reversed(steps) if direction else steps):
+                for t in reversed(steps) if direction else steps:
                     h = torch.tanh(projected[t] + F.linear(h, w_hh))
                     states[t] = h
                 outputs.append(torch.stack(states))
@@ -311,19 +324,21 @@ def onnx_forward(reference, tensors, threads):
     except ImportError:
         return None
     import io
+
     x, h0, _, _ = tensors
     buffer = io.BytesIO()
-    torch.onnx.export(reference, (x, h0), buffer, dynamo=False, input_names=["x", "h0"],
-                      output_names=["output", "h_n"])
+    torch.onnx.export(
+        reference, (x, h0), buffer, dynamo=False, input_names=["x", "h0"], output_names=["output", "h_n"]
+    )
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(buffer.getvalue(), options,
-                                           providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
     feeds = {"x": x.numpy(), "h0": h0.numpy()}
 
     def call():
         return session.run(None, feeds)
+
     return call
 
 
@@ -331,8 +346,10 @@ def timed_call(module, mode, tensors):
     x, h0, grad_output, grad_h_n = tensors
     parameters = list(module.parameters())
     if mode == "forward":
+
         def call():
             return module(x, h0)
+
         return call
 
     def call():
@@ -344,6 +361,7 @@ def timed_call(module, mode, tensors):
         # Random upstream gradients on both outputs: every gradient path is exercised, and no
         # reduction op is added to the timed work.
         torch.autograd.backward((output, h_n), (grad_output, grad_h_n))
+
     return call
 
 
@@ -376,8 +394,7 @@ def run_case(device, dtype_name, config, mode, args, bar) -> Result:
     dtype = DTYPES[dtype_name]
     reference, candidate, tensors = make_pair(config, device, dtype, args.seed)
     difference = output_difference(reference, candidate, tensors)
-    calls = {"nn.RNN": timed_call(reference, mode, tensors),
-             "rnn_ext": timed_call(candidate, mode, tensors)}
+    calls = {"nn.RNN": timed_call(reference, mode, tensors), "rnn_ext": timed_call(candidate, mode, tensors)}
     compile_s = None
     if device == "cpu" and "compiled" in args.peers:
         loop = compiled_loop(reference, config, mode)
@@ -412,21 +429,38 @@ def run_case(device, dtype_name, config, mode, args, bar) -> Result:
     if device == "cpu" and dtype == torch.float32:
         target = CPU_TARGETS.get(tuple(config), {}).get(mode)
     if difference > OUTPUT_TOLERANCE[dtype]:
-        tqdm.write(f"warning: {config_label(config)} {device} {dtype_name}: outputs differ by "
-                   f"{difference:.2e}; the two sides may not compute the same thing")
+        tqdm.write(
+            f"warning: {config_label(config)} {device} {dtype_name}: outputs differ by "
+            f"{difference:.2e}; the two sides may not compute the same thing"
+        )
     flops = config_flops(config) * (3 if mode == "forward+backward" else 1)
     ext_gflops = flops / (ext_us * 1e-6) / 1e9
     mm_gflops = mm_rate(config, device, dtype, args.threads, args.min_run_time)
     return Result(
-        device=device, dtype=dtype_name,
-        config=dict(zip(("T", "B", "I", "H", "layers"), config[:5]),
-                    bidirectional="bidir" in config[5:], batch_first="tm" not in config[5:]),
-        mode=mode, nn_us=nn_us, ext_us=ext_us, ratio=nn_us / ext_us,
-        nn_us_per_step=nn_us / config[0], ext_us_per_step=ext_us / config[0],
-        target=target, met=None if target is None else nn_us / ext_us >= target,
-        max_abs_output_diff=difference, peers_us=peers, best_peer=best_peer,
-        ratio_vs_best=peers[best_peer] / ext_us, ext_gflops=ext_gflops, mm_gflops=mm_gflops,
-        fraction_of_mm=ext_gflops / mm_gflops, compile_s=compile_s, rounds_us=rounds,
+        device=device,
+        dtype=dtype_name,
+        config=dict(
+            zip(("T", "B", "I", "H", "layers"), config[:5]),
+            bidirectional="bidir" in config[5:],
+            batch_first="tm" not in config[5:],
+        ),
+        mode=mode,
+        nn_us=nn_us,
+        ext_us=ext_us,
+        ratio=nn_us / ext_us,
+        nn_us_per_step=nn_us / config[0],
+        ext_us_per_step=ext_us / config[0],
+        target=target,
+        met=None if target is None else nn_us / ext_us >= target,
+        max_abs_output_diff=difference,
+        peers_us=peers,
+        best_peer=best_peer,
+        ratio_vs_best=peers[best_peer] / ext_us,
+        ext_gflops=ext_gflops,
+        mm_gflops=mm_gflops,
+        fraction_of_mm=ext_gflops / mm_gflops,
+        compile_s=compile_s,
+        rounds_us=rounds,
     )
 
 
@@ -461,6 +495,7 @@ def training_step_case(args, bar) -> dict:
             logits = model(tokens)
             F.cross_entropy(logits.reshape(-1, 96), targets.reshape(-1)).backward()
             optimizer.step()
+
         calls[name] = step
     for call in calls.values():
         call()
@@ -472,8 +507,14 @@ def training_step_case(args, bar) -> dict:
             bar.set_postfix_str(f"char-LM step {side}", refresh=True)
             rounds[side].append(measure(calls[side], "train", args.threads, args.min_run_time) * 1e6)
     nn_us, ext_us = statistics.median(rounds["nn.RNN"]), statistics.median(rounds["rnn_ext"])
-    return {"nn_us": nn_us, "ext_us": ext_us, "ratio": nn_us / ext_us, "target": 1.6,
-            "met": nn_us / ext_us >= 1.6, "rounds_us": rounds}
+    return {
+        "nn_us": nn_us,
+        "ext_us": ext_us,
+        "ratio": nn_us / ext_us,
+        "target": 1.6,
+        "met": nn_us / ext_us >= 1.6,
+        "rounds_us": rounds,
+    }
 
 
 _MEMORY_PROBE = """
@@ -512,18 +553,27 @@ def memory_case(threads) -> dict:
     allocations that tracemalloc does not."""
     peaks = {}
     for side in ("nn.RNN", "rnn_ext"):
-        result = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, side, str(threads)],
-                                capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            [sys.executable, "-c", _MEMORY_PROBE, side, str(threads)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         peaks[side] = float(result.stdout.strip().splitlines()[-1])
-    return {"config": "T=2000 B=32 I=128 H=256 L=2, forward+backward",
-            "nn_peak_mib": peaks["nn.RNN"], "ext_peak_mib": peaks["rnn_ext"],
-            "met": peaks["rnn_ext"] <= peaks["nn.RNN"]}
+    return {
+        "config": "T=2000 B=32 I=128 H=256 L=2, forward+backward",
+        "nn_peak_mib": peaks["nn.RNN"],
+        "ext_peak_mib": peaks["rnn_ext"],
+        "met": peaks["rnn_ext"] <= peaks["nn.RNN"],
+    }
 
 
 def print_table(results) -> None:
-    header = (f"{'device':<6} {'config':<28} {'mode':<16} {'nn.RNN us':>10} {'compiled us':>11} "
-              f"{'onnxrt us':>10} {'rnn_ext us':>10} {'vs nn':>7} {'vs best':>7} {'GFLOP/s':>8} "
-              f"{'of mm':>6} {'spread':>6}  target")
+    header = (
+        f"{'device':<6} {'config':<28} {'mode':<16} {'nn.RNN us':>10} {'compiled us':>11} "
+        f"{'onnxrt us':>10} {'rnn_ext us':>10} {'vs nn':>7} {'vs best':>7} {'GFLOP/s':>8} "
+        f"{'of mm':>6} {'spread':>6}  target"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
@@ -533,40 +583,53 @@ def print_table(results) -> None:
         best = f"{r.ratio_vs_best:.2f}x" + ("" if r.ratio_vs_best >= 1 else "!")
 
         def peer(name):
-            value = r.peers_us.get(name)
+            value = r.peers_us.get(name)  # noqa: B023 (called within this iteration)
             return f"{value:>10.1f}" if value is not None else f"{'-':>10}"
-        print(f"{r.device:<6} {label:<28} {r.mode:<16} {r.nn_us:>10.1f} {peer('compiled loop'):>11} "
-              f"{peer('onnxruntime')} {r.ext_us:>10.1f} {r.ratio:>6.2f}x {best:>7} "
-              f"{r.ext_gflops:>8.1f} {r.fraction_of_mm:>6.0%} {r.spread:>6.0%}  {target}")
+
+        print(
+            f"{r.device:<6} {label:<28} {r.mode:<16} {r.nn_us:>10.1f} {peer('compiled loop'):>11} "
+            f"{peer('onnxruntime')} {r.ext_us:>10.1f} {r.ratio:>6.2f}x {best:>7} "
+            f"{r.ext_gflops:>8.1f} {r.fraction_of_mm:>6.0%} {r.spread:>6.0%}  {target}"
+        )
 
 
 def plot(results, path: Path, title: str) -> None:
     groups = sorted({(r.device, r.dtype) for r in results}, key=lambda g: (g[0] != "cpu", g[1]))
-    figure, axes = plt.subplots(len(groups), 1, figsize=(13, 4.6 * len(groups)), squeeze=False,
-                                constrained_layout=True)
+    figure, axes = plt.subplots(
+        len(groups), 1, figsize=(13, 4.6 * len(groups)), squeeze=False, constrained_layout=True
+    )
     width = 0.38
     colors = {"forward": "tab:blue", "forward+backward": "tab:orange"}
     for axis, (device, dtype) in zip(axes[:, 0], groups):
         group = [r for r in results if (r.device, r.dtype) == (device, dtype)]
 
         def label_of(r):
-            extra = (" bidir" if r.config["bidirectional"] else "") + ("" if r.config["batch_first"] else " tm")
+            extra = (" bidir" if r.config["bidirectional"] else "") + (
+                "" if r.config["batch_first"] else " tm"
+            )
             return config_label(tuple(r.config.values())[:5]) + extra
+
         labels = list(dict.fromkeys(label_of(r) for r in group))
         for offset, mode in zip((-width / 2, width / 2), MODES):
             for r in (r for r in group if r.mode == mode):
                 position = labels.index(label_of(r)) + offset
                 axis.bar(position, r.ratio_vs_best, width, color=colors[mode], label=mode)
-                axis.annotate(f"{r.ratio_vs_best:.2f}x\\n{r.fraction_of_mm:.0%}mm",
-                              (position, r.ratio_vs_best), ha="center", va="bottom", fontsize=7,
-                              xytext=(0, 2), textcoords="offset points")
+                axis.annotate(
+                    f"{r.ratio_vs_best:.2f}x\\n{r.fraction_of_mm:.0%}mm",
+                    (position, r.ratio_vs_best),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                )
         axis.axhline(1.0, color="0.4", linewidth=0.8, linestyle="--")
         axis.set_yscale("log")
-        axis.set_xticks(range(len(labels)), [label.replace(" ", "\\n", 2) for label in labels],
-                        fontsize=7)
+        axis.set_xticks(range(len(labels)), [label.replace(" ", "\\n", 2) for label in labels], fontsize=7)
         axis.set_ylabel("best peer time / rnn_ext time")
-        axis.set_title(f"{device} {dtype}: speedup over the fastest peer (label: and fraction of "
-                       "torch.mm's FLOP rate)")
+        axis.set_title(
+            f"{device} {dtype}: speedup over the fastest peer (label: and fraction of torch.mm's FLOP rate)"
+        )
         handles, names = axis.get_legend_handles_labels()
         unique = dict(zip(names, handles))  # one entry per name, though every bar carries one
         axis.legend(unique.values(), unique.keys(), loc="upper right", fontsize=8)
@@ -577,33 +640,58 @@ def plot(results, path: Path, title: str) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
-                        help="'all' = cpu, plus cuda when a GPU and rnn_ext's CUDA kernels exist")
-    parser.add_argument("--configs", type=parse_configs, default=None,
-                        help='"T,B,I,H,layers;..." (default: the grid of each device)')
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "all"),
+        default="all",
+        help="'all' = cpu, plus cuda when a GPU and rnn_ext's CUDA kernels exist",
+    )
+    parser.add_argument(
+        "--configs",
+        type=parse_configs,
+        default=None,
+        help='"T,B,I,H,layers;..." (default: the grid of each device)',
+    )
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="torch threads on the CPU (default: torch's own choice, %(default)s)")
-    parser.add_argument("--modes", default=",".join(MODES),
-                        help="comma-separated subset of: " + ", ".join(MODES))
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch threads on the CPU (default: torch's own choice, %(default)s)",
+    )
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help="comma-separated subset of: " + ", ".join(MODES)
+    )
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 5)")
-    parser.add_argument("--min-run-time", type=float, default=None,
-                        help="seconds per blocked_autorange (default 0.2)")
-    parser.add_argument("--quick", action="store_true",
-                        help="3 rounds of 0.05 s: checks the harness, not a number to quote")
-    parser.add_argument("--tf32", action="store_true",
-                        help="let cuDNN and cuBLAS use TF32 for float32 (off by default)")
+    parser.add_argument(
+        "--min-run-time", type=float, default=None, help="seconds per blocked_autorange (default 0.2)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="3 rounds of 0.05 s: checks the harness, not a number to quote"
+    )
+    parser.add_argument(
+        "--tf32", action="store_true", help="let cuDNN and cuBLAS use TF32 for float32 (off by default)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--peers", default="compiled,onnxruntime",
-                        help="CPU peers besides nn.RNN, comma-separated: compiled, onnxruntime "
-                             "(default: both; '' for none)")
-    parser.add_argument("--no-extras", action="store_true",
-                        help="skip the CPU char-LM training step and the peak-memory comparison")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default benchmarks/results/<date>-<machine>.json); "
-                             "the plot goes next to it as .png")
+    parser.add_argument(
+        "--peers",
+        default="compiled,onnxruntime",
+        help="CPU peers besides nn.RNN, comma-separated: compiled, onnxruntime (default: both; '' for none)",
+    )
+    parser.add_argument(
+        "--no-extras",
+        action="store_true",
+        help="skip the CPU char-LM training step and the peak-memory comparison",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default benchmarks/results/<date>-<machine>.json); the plot goes next to it as .png",
+    )
     args = parser.parse_args()
     args.peers = {p.strip() for p in args.peers.split(",") if p.strip()}
     if args.peers - {"compiled", "onnxruntime"}:
@@ -617,11 +705,11 @@ def main() -> int:
         parser.error("--threads must be at least 1")
 
     if args.device == "cuda" and not cuda_usable():
-        print("no CUDA: torch sees no GPU, or rnn_ext was built without CUDA kernels",
-              file=sys.stderr)
+        print("no CUDA: torch sees no GPU, or rnn_ext was built without CUDA kernels", file=sys.stderr)
         return 2
-    devices = {"cpu": ["cpu"], "cuda": ["cuda"],
-               "all": ["cpu"] + (["cuda"] if cuda_usable() else [])}[args.device]
+    devices = {"cpu": ["cpu"], "cuda": ["cuda"], "all": ["cpu"] + (["cuda"] if cuda_usable() else [])}[
+        args.device
+    ]
     if args.dtype not in CPU_DTYPES and "cpu" in devices:
         print(f"rnn_ext's CPU kernels take float32/float64, not {args.dtype}: skipping cpu")
         devices.remove("cpu")
@@ -631,16 +719,21 @@ def main() -> int:
     git = git_state()  # before the run: others may commit while it goes on
     load_at_start = os.getloadavg()[0]
     if load_at_start > 0.5 * (os.cpu_count() or 1):
-        print(f"warning: load average {load_at_start:.1f} on {os.cpu_count()} cores: other processes "
-              "compete with the timed code, so these numbers are noisy", file=sys.stderr)
+        print(
+            f"warning: load average {load_at_start:.1f} on {os.cpu_count()} cores: other processes "
+            "compete with the timed code, so these numbers are noisy",
+            file=sys.stderr,
+        )
     # Comparing against cuDNN in TF32 would compare different arithmetic; only on request.
     torch.backends.cudnn.allow_tf32 = args.tf32
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
 
-    cases = [(device, config, mode)
-             for device in devices
-             for config in (args.configs or (CPU_GRID if device == "cpu" else CUDA_GRID))
-             for mode in modes]
+    cases = [
+        (device, config, mode)
+        for device in devices
+        for config in (args.configs or (CPU_GRID if device == "cpu" else CUDA_GRID))
+        for mode in modes
+    ]
     results = []
     extras = {}
     with tqdm(total=len(cases) * args.rounds * 4, unit="timing", dynamic_ncols=True) as bar:
@@ -651,10 +744,13 @@ def main() -> int:
             extras["peak_memory"] = memory_case(args.threads)
 
     machine = machine_record(devices, args.threads, git, load_at_start)
-    print(f"\n{machine['cpu_model']}, {machine['usable_cores']} cores, torch {machine['torch']}, "
-          f"{args.threads} threads" + (f", {machine['cuda_device']}" if "cuda" in devices else "")
-          + f"; median of {args.rounds} alternating rounds; ratio = nn.RNN / rnn_ext; "
-          "spread = (slowest - fastest round) / median, the worse side")
+    print(
+        f"\n{machine['cpu_model']}, {machine['usable_cores']} cores, torch {machine['torch']}, "
+        f"{args.threads} threads"
+        + (f", {machine['cuda_device']}" if "cuda" in devices else "")
+        + f"; median of {args.rounds} alternating rounds; ratio = nn.RNN / rnn_ext; "
+        "spread = (slowest - fastest round) / median, the worse side"
+    )
     print_table(results)
     targets = [r for r in results if r.target is not None]
     if targets:
@@ -663,12 +759,16 @@ def main() -> int:
     print(f"ahead of every peer: {len(beaten)}/{len(results)}")
     if "char_lm_training_step" in extras:
         step = extras["char_lm_training_step"]
-        print(f"char-LM training step: nn.RNN {step['nn_us']:.0f} us, rnn_ext {step['ext_us']:.0f} us, "
-              f"{step['ratio']:.2f}x (target >= 1.6x)")
+        print(
+            f"char-LM training step: nn.RNN {step['nn_us']:.0f} us, rnn_ext {step['ext_us']:.0f} us, "
+            f"{step['ratio']:.2f}x (target >= 1.6x)"
+        )
     if "peak_memory" in extras:
         memory = extras["peak_memory"]
-        print(f"peak memory growth, {memory['config']}: nn.RNN {memory['nn_peak_mib']:.0f} MiB, "
-              f"rnn_ext {memory['ext_peak_mib']:.0f} MiB")
+        print(
+            f"peak memory growth, {memory['config']}: nn.RNN {memory['nn_peak_mib']:.0f} MiB, "
+            f"rnn_ext {memory['ext_peak_mib']:.0f} MiB"
+        )
 
     path = args.out or default_output(devices)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -677,15 +777,19 @@ def main() -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine,
         "settings": {
-            "rounds": args.rounds, "min_run_time_s": args.min_run_time, "dtype": args.dtype,
-            "tf32": args.tf32, "seed": args.seed,
-            "input_requires_grad": False, "h0": "given, random, no grad",
+            "rounds": args.rounds,
+            "min_run_time_s": args.min_run_time,
+            "dtype": args.dtype,
+            "tf32": args.tf32,
+            "seed": args.seed,
+            "input_requires_grad": False,
+            "h0": "given, random, no grad",
             "backward": "autograd.backward on (output, h_n) with random upstream gradients; "
-                        "param.grad set to None before each call",
+            "param.grad set to None before each call",
             "timed": "the whole module call (Python included); forward under torch.no_grad()",
             "ratio": "nn.RNN time / rnn_ext time; ratio_vs_best: the fastest peer's time / rnn_ext's",
             "gflops": "forward FLOPs (2 x multiply-adds of projections and recurrent products), "
-                      "x3 for forward+backward, over rnn_ext's time",
+            "x3 for forward+backward, over rnn_ext's time",
             "mm_gflops": "torch.mm of [T*B, H] @ [H, H] in the same run on the same threads",
             "peers": sorted(args.peers),
         },
@@ -695,9 +799,13 @@ def main() -> int:
     path.write_text(json.dumps(record, indent=2) + "\n")
     plot_path = path.with_suffix(".png")
     commit = (machine["git"]["commit"] or "unknown")[:10] + ("+dirty" if machine["git"]["dirty"] else "")
-    plot(results, plot_path, f"rnn_ext vs its peers, {machine['cpu_model']} ({args.threads} threads)"
-         + (f", {machine['cuda_device']}" if "cuda" in devices else "")
-         + f", torch {machine['torch']}, {commit}, {record['created']}")
+    plot(
+        results,
+        plot_path,
+        f"rnn_ext vs its peers, {machine['cpu_model']} ({args.threads} threads)"
+        + (f", {machine['cuda_device']}" if "cuda" in devices else "")
+        + f", torch {machine['torch']}, {commit}, {record['created']}",
+    )
     print(f"results: {path}\nplot:    {plot_path}")
     return 0
 

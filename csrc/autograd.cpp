@@ -31,15 +31,13 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> call_backward(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
     const at::Tensor& hx, at::TensorList weights, const at::Tensor& output,
     const c10::optional<at::Tensor>& batch_sizes, bool relu, std::array<bool, 3> output_mask) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("rnn_ext::elman_backward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              at::TensorList, const at::Tensor&, const c10::optional<at::Tensor>&, bool,
-              std::array<bool, 3>)>();
-  return op.call(grad_output, grad_h_n, input, hx, weights, output, batch_sizes, relu,
-                 output_mask);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("rnn_ext::elman_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, at::TensorList, const at::Tensor&,
+                           const c10::optional<at::Tensor>&, bool, std::array<bool, 3>)>();
+  return op.call(grad_output, grad_h_n, input, hx, weights, output, batch_sizes, relu, output_mask);
 }
 
 class ElmanFunction : public torch::autograd::Function<ElmanFunction> {
@@ -74,7 +72,8 @@ class ElmanFunction : public torch::autograd::Function<ElmanFunction> {
     const int64_t num_weights = static_cast<int64_t>(weights.size());
     bool any_weight = false;
     for (const auto i : c10::irange(num_weights)) any_weight |= ctx->needs_input_grad(2 + i);
-    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1), any_weight};
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                      any_weight};
 
     variable_list result(2 + num_weights + 2);  // + batch_sizes, relu: never differentiable
     if (at::GradMode::is_enabled()) {
@@ -93,8 +92,8 @@ class ElmanFunction : public torch::autograd::Function<ElmanFunction> {
       for (const auto i : c10::irange(computed.size())) result[position[i]] = computed[i];
       return result;
     }
-    auto [grad_input, grad_hx, grad_weights] = call_backward(
-        grad_output, grad_h_n, input, hx, weights, output, batch_sizes, relu, mask);
+    auto [grad_input, grad_hx, grad_weights] =
+        call_backward(grad_output, grad_h_n, input, hx, weights, output, batch_sizes, relu, mask);
     if (mask[0]) result[0] = grad_input;
     if (mask[1]) result[1] = grad_hx;
     if (mask[2]) {
@@ -115,8 +114,6 @@ std::tuple<at::Tensor, at::Tensor> elman_forward_autograd(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rnn_ext, Autograd, m) {
-  m.impl("elman_forward", &elman_forward_autograd);
-}
+TORCH_LIBRARY_IMPL(rnn_ext, Autograd, m) { m.impl("elman_forward", &elman_forward_autograd); }
 
 }  // namespace rnn_ext

@@ -17,8 +17,8 @@ namespace rnn_ext {
 enum class Activation : int32_t { Tanh = 0, Relu = 1 };
 
 // One layer, all directions. Rows are time-major: step t owns rows
-// [step_offset(t), step_offset(t) + batch_size(t)). A padded [T, B, I] input is the packed case with
-// every batch size equal to B, so both backends have a single code path.
+// [step_offset(t), step_offset(t) + batch_size(t)). A padded [T, B, I] input is the packed case
+// with every batch size equal to B, so both backends have a single code path.
 struct ElmanShape {
   int64_t steps = 0;        // T
   int64_t batch = 0;        // rows of the first step (the largest)
@@ -57,7 +57,8 @@ ELMAN_HOST_DEVICE int64_t step_at(int64_t position, int64_t steps, bool reverse)
 // direction's own order, a backward pass in the reverse of it.
 ELMAN_HOST_DEVICE int64_t step_of_position(int64_t position, int64_t steps, bool reverse,
                                            bool backward) {
-  return backward ? step_at(steps - 1 - position, steps, reverse) : step_at(position, steps, reverse);
+  return backward ? step_at(steps - 1 - position, steps, reverse)
+                  : step_at(position, steps, reverse);
 }
 
 // The step whose state `step` reads, for a row that does not start its sequence at `step`.

@@ -126,8 +126,7 @@ LayerArgs read_layer_args(const char* op_name, const at::Tensor& input, const at
 
 LayerArgs read_backward_args(const char* op_name, const at::Tensor& grad_output,
                              const at::Tensor& grad_h_n, const at::Tensor& input,
-                             const at::Tensor& hx, at::TensorList weights,
-                             const at::Tensor& output,
+                             const at::Tensor& hx, at::TensorList weights, const at::Tensor& output,
                              const c10::optional<at::Tensor>& batch_sizes, bool relu) {
   LayerArgs args = read_layer_args(op_name, input, hx, weights, batch_sizes, relu);
   const auto expected_output = output_sizes(args);
@@ -166,25 +165,35 @@ BackwardResult backward_result(const LayerArgs& args, const at::Tensor& input,
   if (!output_mask[0]) {
     grad_input = at::empty({0}, options);
   } else {
-    grad_input = grad_input.defined() ? grad_input.view(input.sizes()) : at::zeros(input.sizes(), options);
+    grad_input =
+        grad_input.defined() ? grad_input.view(input.sizes()) : at::zeros(input.sizes(), options);
   }
   if (!output_mask[1]) grad_hx = at::empty({0}, options);
   std::vector<at::Tensor> grad_weights;
   if (output_mask[2]) {
     for (const auto index : c10::irange(weights.size())) {
       const int64_t per_direction = args.shape.weights_per_direction();
-      const DirectionGradients* g = directions.empty() ? nullptr : &directions[index / per_direction];
+      const DirectionGradients* g =
+          directions.empty() ? nullptr : &directions[index / per_direction];
       at::Tensor grad;
       if (g != nullptr) {
         switch (index % per_direction) {
-          case 0: grad = g->weight_ih; break;
-          case 1: grad = g->weight_hh; break;
-          case 2: grad = g->bias; break;
-          default: grad = g->bias.defined() ? g->bias.clone() : at::Tensor(); break;  // own tensor
+          case 0:
+            grad = g->weight_ih;
+            break;
+          case 1:
+            grad = g->weight_hh;
+            break;
+          case 2:
+            grad = g->bias;
+            break;
+          default:
+            grad = g->bias.defined() ? g->bias.clone() : at::Tensor();
+            break;  // own tensor
         }
       }
-      grad_weights.push_back(grad.defined() ? grad
-                                            : at::zeros_like(weights[index], at::MemoryFormat::Contiguous));
+      grad_weights.push_back(
+          grad.defined() ? grad : at::zeros_like(weights[index], at::MemoryFormat::Contiguous));
     }
   }
   return {grad_input, grad_hx, grad_weights};

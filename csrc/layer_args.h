@@ -36,8 +36,7 @@ LayerArgs read_layer_args(const char* op_name, const at::Tensor& input, const at
 // read_layer_args for rnn_ext::elman_backward, plus the checks of its gradients and saved output.
 LayerArgs read_backward_args(const char* op_name, const at::Tensor& grad_output,
                              const at::Tensor& grad_h_n, const at::Tensor& input,
-                             const at::Tensor& hx, at::TensorList weights,
-                             const at::Tensor& output,
+                             const at::Tensor& hx, at::TensorList weights, const at::Tensor& output,
                              const c10::optional<at::Tensor>& batch_sizes, bool relu);
 
 // The shape of the layer's output for this input: [T, B, D*H], or [N, D*H] when packed.

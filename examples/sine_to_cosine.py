@@ -1,6 +1,7 @@
 """The seed model of RNN_basic.md (sin(t) windows -> cos(t)), trained once with torch.nn.RNN and once
 with rnn_ext.RNN from the same seed: the loss curves must agree to float32 rounding (the script exits
 non-zero otherwise); it prints the time per training step of each and saves a plot."""
+
 from __future__ import annotations
 
 import argparse
@@ -65,6 +66,7 @@ def sine_windows(first: int, count: int, dtype: torch.dtype, device: torch.devic
 
     def as_tensor(values):
         return torch.tensor(values, dtype=dtype, device=device)[:, None, :, None]
+
     return as_tensor(t), as_tensor(np.sin(t)), as_tensor(np.cos(t))
 
 
@@ -106,7 +108,8 @@ def train(model: SineToCosine, steps: int, device: torch.device, label: str):
 @torch.no_grad()
 def predict_held_out(model: SineToCosine, h_state: torch.Tensor, steps: int, device: torch.device):
     """Runs the HELD_OUT_WINDOWS windows that follow the last training window (none of them trained
-    on), continuing from the trained hidden state. Returns (t, target, prediction) as flat float64 numpy arrays."""
+    on), continuing from the trained hidden state. Returns (t, target, prediction) as flat float64
+    numpy arrays."""
     dtype = next(model.parameters()).dtype
     t, inputs, targets = sine_windows(steps, HELD_OUT_WINDOWS, dtype, device)
     predictions = []
@@ -116,6 +119,7 @@ def predict_held_out(model: SineToCosine, h_state: torch.Tensor, steps: int, dev
 
     def flat(tensor):
         return tensor.flatten().double().cpu().numpy()
+
     return flat(t), flat(targets), flat(torch.cat(predictions))
 
 
@@ -136,10 +140,17 @@ def plot(path: Path, held_out, losses, ext_vs_nn, envelope):
     )
     top.plot(t, np.sin(t), color="0.7", linestyle=":", label="input sin(t)")
     top.plot(t, target, color="black", linewidth=2.5, label="target cos(t)")
-    top.plot(t, nn_prediction, color="tab:blue", linewidth=1.8, marker="o", markersize=4,
-             label="nn.RNN")
-    top.plot(t, ext_prediction, color="tab:orange", linewidth=1.4, linestyle="--", marker="x",
-             markersize=6, label="rnn_ext.RNN")
+    top.plot(t, nn_prediction, color="tab:blue", linewidth=1.8, marker="o", markersize=4, label="nn.RNN")
+    top.plot(
+        t,
+        ext_prediction,
+        color="tab:orange",
+        linewidth=1.4,
+        linestyle="--",
+        marker="x",
+        markersize=6,
+        label="rnn_ext.RNN",
+    )
     for boundary in t[::WINDOW][1:]:
         top.axvline(boundary, color="0.9", linewidth=0.8, zorder=0)
     top.set_title(f"held-out windows (the {HELD_OUT_WINDOWS} after training, hidden state carried)")
@@ -149,18 +160,27 @@ def plot(path: Path, held_out, losses, ext_vs_nn, envelope):
 
     steps = np.arange(1, len(nn_losses) + 1)
     middle.semilogy(steps, nn_losses, color="tab:blue", linewidth=1.8, label="nn.RNN")
-    middle.semilogy(steps, ext_losses, color="tab:orange", linewidth=1.2, linestyle="--",
-                    label="rnn_ext.RNN")
+    middle.semilogy(steps, ext_losses, color="tab:orange", linewidth=1.2, linestyle="--", label="rnn_ext.RNN")
     middle.set_title("training loss (MSE per window)")
     middle.set_xlabel("training step")
     middle.legend(loc="upper right", fontsize=9)
 
     bottom.semilogy(steps, envelope, color="0.5", label="float32 rounding envelope (nn.RNN fp32 vs fp64)")
-    bottom.semilogy(steps, np.minimum(ROUNDING_FACTOR * envelope, 1.0), color="0.5", linestyle=":",
-                    label=f"tolerance ({ROUNDING_FACTOR:g}x envelope)")
+    bottom.semilogy(
+        steps,
+        np.minimum(ROUNDING_FACTOR * envelope, 1.0),
+        color="0.5",
+        linestyle=":",
+        label=f"tolerance ({ROUNDING_FACTOR:g}x envelope)",
+    )
     exact_zero = ROUNDING_FLOOR / 100  # a log axis has no 0; equal losses are drawn here
-    bottom.semilogy(steps, np.maximum(ext_vs_nn, exact_zero), color="tab:red", linewidth=0.9,
-                    label=f"rnn_ext.RNN vs nn.RNN (equal drawn at {exact_zero:g})")
+    bottom.semilogy(
+        steps,
+        np.maximum(ext_vs_nn, exact_zero),
+        color="tab:red",
+        linewidth=0.9,
+        label=f"rnn_ext.RNN vs nn.RNN (equal drawn at {exact_zero:g})",
+    )
     bottom.set_title("relative difference of the loss curves")
     bottom.set_xlabel("training step")
     bottom.legend(loc="upper left", fontsize=9)
@@ -172,8 +192,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=300, help="training steps (windows) per run")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".png"),
-                        help="where to save the plot")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).with_suffix(".png"), help="where to save the plot"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     if args.steps < 1:
@@ -191,13 +212,14 @@ def main() -> int:
     torch.manual_seed(args.seed)
     ext_model = SineToCosine(rnn_ext.RNN).to(device)
     if not identical_state(nn_model, ext_model):
-        print("FAIL: nn.RNN and rnn_ext.RNN did not get bit-identical weights from the same seed",
-              file=sys.stderr)
+        print(
+            "FAIL: nn.RNN and rnn_ext.RNN did not get bit-identical weights from the same seed",
+            file=sys.stderr,
+        )
         return 1
     torch.manual_seed(args.seed)
     reference_model = SineToCosine(nn.RNN).to(device, torch.float64)
-    print(f"same seed ({args.seed}) -> bit-identical initial weights: "
-          f"{', '.join(nn_model.state_dict())}")
+    print(f"same seed ({args.seed}) -> bit-identical initial weights: {', '.join(nn_model.state_dict())}")
 
     nn_losses, nn_seconds, nn_h = train(nn_model, args.steps, device, "nn.RNN")
     ext_losses, ext_seconds, ext_h = train(ext_model, args.steps, device, "rnn_ext.RNN")
@@ -215,23 +237,32 @@ def main() -> int:
     print(f"loss curves over {args.steps} steps, max relative difference:")
     print(f"  rnn_ext.RNN vs nn.RNN (float32)          {ext_vs_nn.max():.2e}")
     print(f"  nn.RNN float32 vs float64 (rounding)     {rounding.max():.2e}")
-    print(f"  worst step against the rounding envelope {worst_ratio:.2f}x at step {worst + 1} "
-          f"(tolerance {ROUNDING_FACTOR:g}x) -> {'agree to rounding' if agree else 'DIVERGED'}")
+    print(
+        f"  worst step against the rounding envelope {worst_ratio:.2f}x at step {worst + 1} "
+        f"(tolerance {ROUNDING_FACTOR:g}x) -> {'agree to rounding' if agree else 'DIVERGED'}"
+    )
     print(f"final loss: nn.RNN {nn_losses[-1]:.3e}, rnn_ext.RNN {ext_losses[-1]:.3e}")
-    print(f"time per training step (median, {device.type}, {torch.get_num_threads()} threads): "
-          f"nn.RNN {nn_us:.0f} us, rnn_ext.RNN {ext_us:.0f} us, speedup {nn_us / ext_us:.2f}x")
+    print(
+        f"time per training step (median, {device.type}, {torch.get_num_threads()} threads): "
+        f"nn.RNN {nn_us:.0f} us, rnn_ext.RNN {ext_us:.0f} us, speedup {nn_us / ext_us:.2f}x"
+    )
 
     nn_t, target, nn_prediction = predict_held_out(nn_model, nn_h, args.steps, device)
     _, _, ext_prediction = predict_held_out(ext_model, ext_h, args.steps, device)
-    print(f"held-out RMSE: nn.RNN {np.sqrt(np.mean((nn_prediction - target) ** 2)):.3e}, "
-          f"rnn_ext.RNN {np.sqrt(np.mean((ext_prediction - target) ** 2)):.3e}")
+    print(
+        f"held-out RMSE: nn.RNN {np.sqrt(np.mean((nn_prediction - target) ** 2)):.3e}, "
+        f"rnn_ext.RNN {np.sqrt(np.mean((ext_prediction - target) ** 2)):.3e}"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    plot(args.out, (nn_t, target, nn_prediction, ext_prediction), (nn_losses, ext_losses),
-         ext_vs_nn, envelope)
+    plot(
+        args.out, (nn_t, target, nn_prediction, ext_prediction), (nn_losses, ext_losses), ext_vs_nn, envelope
+    )
     print(f"plot: {args.out}")
     if not agree:
-        print("FAIL: rnn_ext.RNN's loss curve left nn.RNN's by more than float32 rounding explains",
-              file=sys.stderr)
+        print(
+            "FAIL: rnn_ext.RNN's loss curve left nn.RNN's by more than float32 rounding explains",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

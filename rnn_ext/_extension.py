@@ -1,5 +1,6 @@
 """Loads rnn_ext._C, refusing one compiled for another torch or from older sources, and describes the
 build and the machine for bug reports (rnn_ext.info(), python -m rnn_ext)."""
+
 from __future__ import annotations
 
 import importlib
@@ -27,17 +28,17 @@ def _describe_torch(version, cuda_version) -> str:
     return f"torch {version} ({'CUDA ' + cuda_version if cuda_version else 'CPU-only build'})"
 
 
-def check_torch_matches(built_version, built_cuda_version, cuda_kernels=False,
-                        running_version=None, running_cuda_version=None):
+def check_torch_matches(
+    built_version, built_cuda_version, cuda_kernels=False, running_version=None, running_cuda_version=None
+):
     """Raises ImportError unless the torch that compiled the extension and the running one share the
     major.minor release, are both CUDA builds or both CPU-only, and, when the extension carries CUDA
     kernels, the CUDA major version. The running torch defaults to the imported one."""
     if running_version is None:
         running_version, running_cuda_version = torch.__version__, torch.version.cuda
-    compatible = (
-        _minor_release(built_version) == _minor_release(running_version)
-        and (built_cuda_version is None) == (running_cuda_version is None)
-    )
+    compatible = _minor_release(built_version) == _minor_release(running_version) and (
+        built_cuda_version is None
+    ) == (running_cuda_version is None)
     if compatible and cuda_kernels and built_cuda_version and running_cuda_version:
         compatible = built_cuda_version.split(".")[0] == running_cuda_version.split(".")[0]
     if not compatible:
@@ -65,8 +66,9 @@ def load_extension():
     record = build_record()
     if record is not None:
         # Before loading: a library built for another torch fails with an undefined symbol at best.
-        check_torch_matches(record.TORCH_VERSION, record.TORCH_CUDA_VERSION,
-                            getattr(record, "CUDA_KERNELS", False))
+        check_torch_matches(
+            record.TORCH_VERSION, record.TORCH_CUDA_VERSION, getattr(record, "CUDA_KERNELS", False)
+        )
     name = f"{__package__}._C"
     try:
         extension = importlib.import_module(name)
@@ -85,8 +87,10 @@ def load_extension():
         ) from error
     if not torch._C._dispatch_has_kernel_for_dispatch_key("rnn_ext::elman_forward", "Autograd"):
         # An extension built from older sources would train silently wrong: refuse it.
-        raise ImportError("rnn_ext._C has no autograd kernel for elman_forward; rebuild the extension "
-                          "(make build, or pip install --no-build-isolation -e .)")
+        raise ImportError(
+            "rnn_ext._C has no autograd kernel for elman_forward; rebuild the extension "
+            "(make build, or pip install --no-build-isolation -e .)"
+        )
     return extension
 
 
@@ -161,21 +165,34 @@ def _cuda_lines() -> list[tuple[str, str]]:
         props = torch.cuda.get_device_properties(ordinal)
         shared = getattr(props, "shared_memory_per_block_optin", None)
         cooperative = _cooperative_launch(ordinal)
-        lines.append((f"GPU {ordinal}", f"{props.name}, compute capability {props.major}.{props.minor}, "
-                                        f"{props.multi_processor_count} SMs, "
-                                        f"{props.total_memory / 2**30:.1f} GiB"))
+        lines.append(
+            (
+                f"GPU {ordinal}",
+                f"{props.name}, compute capability {props.major}.{props.minor}, "
+                f"{props.multi_processor_count} SMs, "
+                f"{props.total_memory / 2**30:.1f} GiB",
+            )
+        )
         if not has_kernels:
             lines.append((f"GPU {ordinal} regimes", "none: rnn_ext._C has no CUDA kernels"))
             continue
         regimes = [
             "single_block (when W_hh fits in one block's "
             + (f"{shared // 1024} KiB of shared memory)" if shared else "shared memory)"),
-            "cooperative" + {True: "", False: " NOT available (no cooperative launch)",
-                             None: " (cooperative launch support unknown)"}[cooperative],
+            "cooperative"
+            + {
+                True: "",
+                False: " NOT available (no cooperative launch)",
+                None: " (cooperative launch support unknown)",
+            }[cooperative],
             "step_gemm (always)",
         ]
-        lines.append((f"GPU {ordinal} regimes", "; ".join(regimes)
-                      + (f"; forced by RNN_EXT_CUDA_REGIME={forced}" if forced else "")))
+        lines.append(
+            (
+                f"GPU {ordinal} regimes",
+                "; ".join(regimes) + (f"; forced by RNN_EXT_CUDA_REGIME={forced}" if forced else ""),
+            )
+        )
     return lines
 
 
@@ -206,7 +223,11 @@ def describe() -> list[tuple[str, str]]:
         ("built against", built),
         ("CUDA kernels", cuda_kernels),
         ("Python", f"{platform.python_version()} on {platform.platform()}"),
-        ("CPU", f"{_cpu_model()}; {os.cpu_count()} logical CPUs; SIMD: {' '.join(simd) or 'none of avx/fma/avx2/avx512f'}"),
+        (
+            "CPU",
+            f"{_cpu_model()}; {os.cpu_count()} logical CPUs; "
+            f"SIMD: {' '.join(simd) or 'none of avx/fma/avx2/avx512f'}",
+        ),
         ("CPU kernel", cpu_kernel_path()),
         ("threads", threads),
         ("OpenMP in rnn_ext._C", _openmp_in_extension()),

@@ -1,10 +1,10 @@
 """rnn_ext.convert: swap every torch.nn.RNN inside a model for an rnn_ext.RNN with the same
 settings and the same parameters."""
+
 from __future__ import annotations
 
 import copy
 
-import torch
 from torch import nn
 
 from .module import RNN

@@ -9,13 +9,14 @@ from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.autograd import forward_ad
 
-from .ops import elman_forward
 from .onnx import export_layers
+from .ops import elman_forward
 
 
 @torch.jit.unused
-def composite_layer(input: Tensor, hx: Tensor, weights: List[Tensor], batch_sizes: Optional[Tensor],
-                    relu: bool) -> Tuple[Tensor, Tensor]:
+def composite_layer(
+    input: Tensor, hx: Tensor, weights: List[Tensor], batch_sizes: Optional[Tensor], relu: bool
+) -> Tuple[Tensor, Tensor]:
     """One layer of rnn_ext::elman_forward (same arguments, same results) as a chain of torch ops,
     step by step. Slow; every torch transform (grad, jvp, vmap, forward AD, hessian) composes
     with it, which the fused operator's C++ autograd cannot. Eager only: TorchScript has no
@@ -86,39 +87,59 @@ def needs_composite(input: Tensor, hx: Tensor, weights: List[Tensor]) -> bool:
     return False
 
 
-def run_layers(input: Tensor, hx: Tensor, flat_weights: List[Tensor], num_layers: int,
-               bidirectional: bool, relu: bool, dropout: float = 0.0, training: bool = False,
-               batch_sizes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def run_layers(
+    input: Tensor,
+    hx: Tensor,
+    flat_weights: List[Tensor],
+    num_layers: int,
+    bidirectional: bool,
+    relu: bool,
+    dropout: float = 0.0,
+    training: bool = False,
+    batch_sizes: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
     """A stack of Elman layers over time-major `input` ([T, B, I], or packed [N, I] with
     `batch_sizes`), like torch's `_VF.rnn_tanh`/`rnn_relu`. Dropout follows every layer but the last
     when training. Returns (output, h_n)."""
     composite = False
     if not torch.jit.is_scripting():
         if torch.onnx.is_in_onnx_export():
-            return export_layers(input, hx, flat_weights, num_layers, bidirectional, relu, dropout,
-                                 training, batch_sizes)
+            return export_layers(
+                input, hx, flat_weights, num_layers, bidirectional, relu, dropout, training, batch_sizes
+            )
         if not torch.compiler.is_compiling():
             composite = needs_composite(input, hx, flat_weights)
-    return stack_layers(input, hx, flat_weights, num_layers, bidirectional, relu, dropout, training,
-                        batch_sizes, composite)
+    return stack_layers(
+        input, hx, flat_weights, num_layers, bidirectional, relu, dropout, training, batch_sizes, composite
+    )
 
 
-def stack_layers(input: Tensor, hx: Tensor, flat_weights: List[Tensor], num_layers: int,
-                 bidirectional: bool, relu: bool, dropout: float, training: bool,
-                 batch_sizes: Optional[Tensor], composite: bool) -> Tuple[Tensor, Tensor]:
+def stack_layers(
+    input: Tensor,
+    hx: Tensor,
+    flat_weights: List[Tensor],
+    num_layers: int,
+    bidirectional: bool,
+    relu: bool,
+    dropout: float,
+    training: bool,
+    batch_sizes: Optional[Tensor],
+    composite: bool,
+) -> Tuple[Tensor, Tensor]:
     """run_layers once the path is chosen: each layer by composite_layer or by the fused op."""
     directions = 2 if bidirectional else 1
     per_layer = len(flat_weights) // num_layers
     layer_input = input
     final_states: List[Tensor] = []
     for layer in range(num_layers):
-        weights = flat_weights[layer * per_layer:(layer + 1) * per_layer]
-        layer_hx = hx if num_layers == 1 else hx[layer * directions:(layer + 1) * directions]
+        weights = flat_weights[layer * per_layer : (layer + 1) * per_layer]
+        layer_hx = hx if num_layers == 1 else hx[layer * directions : (layer + 1) * directions]
         if composite:
             layer_output, layer_h_n = composite_layer(layer_input, layer_hx, weights, batch_sizes, relu)
         elif torch.jit.is_scripting():
-            layer_output, layer_h_n = torch.ops.rnn_ext.elman_forward(layer_input, layer_hx, weights,
-                                                                      batch_sizes, relu)
+            layer_output, layer_h_n = torch.ops.rnn_ext.elman_forward(
+                layer_input, layer_hx, weights, batch_sizes, relu
+            )
         else:
             layer_output, layer_h_n = elman_forward(layer_input, layer_hx, weights, batch_sizes, relu)
         final_states.append(layer_h_n)

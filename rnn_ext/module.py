@@ -44,9 +44,7 @@ class RNN(nn.RNNBase):
             self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
         mode = _NONLINEARITY_MODES.get(self.nonlinearity)
         if mode is None:
-            raise ValueError(
-                f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'."
-            )
+            raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
         super().__init__(mode, *args, **kwargs)
 
     @overload
@@ -64,9 +62,15 @@ class RNN(nn.RNNBase):
             # The common call: a batched tensor, outside torch.compile/export, autocast, tracing,
             # torch.func transforms and forward-mode AD. Under Dynamo, is_compiling() ends it
             # before the checks Dynamo cannot trace.
-            if (type(input) is Tensor and input.dim() == 3 and not _is_compiling()
-                    and not _is_any_autocast_enabled() and not _are_functorch_transforms_active()
-                    and forward_ad._current_level < 0 and _get_tracing_state() is None):
+            if (
+                type(input) is Tensor
+                and input.dim() == 3
+                and not _is_compiling()
+                and not _is_any_autocast_enabled()
+                and not _are_functorch_transforms_active()
+                and forward_ad._current_level < 0
+                and _get_tracing_state() is None
+            ):
                 result = self._forward_eager_batched(input, hx)
                 if result is not None:
                     return result
@@ -97,9 +101,7 @@ class RNN(nn.RNNBase):
             packed = False
             data = input
             if data.dim() not in (2, 3):
-                raise ValueError(
-                    f"RNN: Expected input to be 2D or 3D, got {data.dim()}D tensor instead"
-                )
+                raise ValueError(f"RNN: Expected input to be 2D or 3D, got {data.dim()}D tensor instead")
             is_batched = data.dim() == 3
             if not is_batched:
                 data = data.unsqueeze(batch_dim)
@@ -202,8 +204,9 @@ class RNN(nn.RNNBase):
         if num_layers == 1:
             output, h_n = elman_forward(input, hx, weights, None, relu)
         else:
-            output, h_n = stack_layers(input, hx, weights, num_layers, bidirectional, relu,
-                                       self.dropout, self.training, None, False)
+            output, h_n = stack_layers(
+                input, hx, weights, num_layers, bidirectional, relu, self.dropout, self.training, None, False
+            )
         if batch_first:
             output = output.transpose(0, 1)
         if output.requires_grad:

@@ -1,6 +1,7 @@
 """The rnn_ext operators as Python sees them: fake (meta) kernels for tracing and batching rules for
 torch.vmap. Autograd is registered in C++ (csrc/autograd.cpp) so that a call costs no Python; its
 backward is the rnn_ext::elman_backward op."""
+
 from __future__ import annotations
 
 import math
@@ -43,8 +44,13 @@ def _elman_forward_fake(input, hx, weights, batch_sizes, relu):
 
 @torch.library.register_fake("rnn_ext::elman_backward")
 def _elman_backward_fake(grad_output, grad_h_n, input, hx, weights, output, batch_sizes, relu, output_mask):
-    _check_devices(input, hx, weights, batch_sizes,
-                   [("grad_output", grad_output), ("grad_h_n", grad_h_n), ("output", output)])
+    _check_devices(
+        input,
+        hx,
+        weights,
+        batch_sizes,
+        [("grad_output", grad_output), ("grad_h_n", grad_h_n), ("output", output)],
+    )
     grad_input = input.new_empty(input.shape) if output_mask[0] else input.new_empty((0,))
     grad_hx = hx.new_empty(hx.shape) if output_mask[1] else hx.new_empty((0,))
     grad_weights = [w.new_empty(w.shape) for w in weights] if output_mask[2] else []
@@ -100,26 +106,32 @@ def _elman_forward_vmap(info, in_dims, input, hx, weights, batch_sizes, relu):
     folded_hx = hx.reshape(directions, batch * samples, hidden)
     if batch_sizes is None:
         steps = input.shape[0]
-        output, h_n = elman_forward(input.reshape(steps, batch * samples, input.shape[-1]), folded_hx,
-                                    weights, None, relu)
+        output, h_n = elman_forward(
+            input.reshape(steps, batch * samples, input.shape[-1]), folded_hx, weights, None, relu
+        )
         output = output.view(steps, batch, samples, output.shape[-1])
         output_dim = 2
     else:
         rows = input.shape[0]
-        output, h_n = elman_forward(input.reshape(rows * samples, input.shape[-1]), folded_hx, weights,
-                                    batch_sizes * samples, relu)
+        output, h_n = elman_forward(
+            input.reshape(rows * samples, input.shape[-1]), folded_hx, weights, batch_sizes * samples, relu
+        )
         output = output.view(rows, samples, output.shape[-1])
         output_dim = 1
     return (output, h_n.view(directions, batch, samples, hidden)), (output_dim, 2)
 
 
 @torch.library.register_vmap("rnn_ext::elman_backward")
-def _elman_backward_vmap(info, in_dims, grad_output, grad_h_n, input, hx, weights, output, batch_sizes,
-                         relu, output_mask):
+def _elman_backward_vmap(
+    info, in_dims, grad_output, grad_h_n, input, hx, weights, output, batch_sizes, relu, output_mask
+):
     # Weight gradients are sums over the RNN batch, so samples cannot share one call: loop.
     (grad_input, grad_hx, grad_weights), _ = _stack_per_sample(
-        info, in_dims, elman_backward,
-        (grad_output, grad_h_n, input, hx, weights, output, batch_sizes, relu, output_mask))
+        info,
+        in_dims,
+        elman_backward,
+        (grad_output, grad_h_n, input, hx, weights, output, batch_sizes, relu, output_mask),
+    )
     # Gradients the mask leaves out come back empty and unbatched, as from the op itself.
     grad_input, input_dim = (grad_input, 0) if output_mask[0] else (grad_input[0], None)
     grad_hx, hx_dim = (grad_hx, 0) if output_mask[1] else (grad_hx[0], None)
@@ -145,31 +157,36 @@ def _weight_shapes(input, hx, has_bias):
     return group * directions
 
 
-def _elman_backward_flat(grad_output, grad_h_n, input, hx, flat_weights, output, batch_sizes, relu, has_bias,
-                         output_mask):
+def _elman_backward_flat(
+    grad_output, grad_h_n, input, hx, flat_weights, output, batch_sizes, relu, has_bias, output_mask
+):
     weights, offset = [], 0
     for shape in _weight_shapes(input, hx, has_bias):
         size = math.prod(shape)
         weights.append(flat_weights.narrow(0, offset, size).view(shape))
         offset += size
-    grad_input, grad_hx, grad_weights = elman_backward(grad_output, grad_h_n, input, hx, weights, output,
-                                                      batch_sizes, relu, output_mask)
+    grad_input, grad_hx, grad_weights = elman_backward(
+        grad_output, grad_h_n, input, hx, weights, output, batch_sizes, relu, output_mask
+    )
     return torch.cat([grad_input.reshape(-1), grad_hx.reshape(-1)] + [g.reshape(-1) for g in grad_weights])
 
 
-def _elman_backward_flat_fake(grad_output, grad_h_n, input, hx, flat_weights, output, batch_sizes, relu,
-                              has_bias, output_mask):
+def _elman_backward_flat_fake(
+    grad_output, grad_h_n, input, hx, flat_weights, output, batch_sizes, relu, has_bias, output_mask
+):
     size = (input.numel() if output_mask[0] else 0) + (hx.numel() if output_mask[1] else 0)
     size += flat_weights.numel() if output_mask[2] else 0
     return flat_weights.new_empty((size,))
 
 
-def _elman_backward_legacy_batched(grad_output, grad_h_n, input, hx, weights, output, batch_sizes, relu,
-                                   output_mask):
+def _elman_backward_legacy_batched(
+    grad_output, grad_h_n, input, hx, weights, output, batch_sizes, relu, output_mask
+):
     has_bias = len(weights) == 4 * hx.shape[0]
     flat_weights = torch.cat([w.reshape(-1) for w in weights])
-    flat = torch.ops.rnn_ext._elman_backward_flat(grad_output, grad_h_n, input, hx, flat_weights, output,
-                                                  batch_sizes, relu, has_bias, output_mask)
+    flat = torch.ops.rnn_ext._elman_backward_flat(
+        grad_output, grad_h_n, input, hx, flat_weights, output, batch_sizes, relu, has_bias, output_mask
+    )
     parts, offset = [], 0
     for wanted, like in ((output_mask[0], input), (output_mask[1], hx)):
         if wanted:

@@ -4,11 +4,21 @@
 
 Slow and obvious on purpose; tests use it (in float64) as the truth next to torch.nn.RNN.
 """
+
 import torch
 
 
-def elman_layer(input, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, nonlinearity="tanh",
-                reverse=False, lengths=None):
+def elman_layer(
+    input,
+    h0,
+    weight_ih,
+    weight_hh,
+    bias_ih=None,
+    bias_hh=None,
+    nonlinearity="tanh",
+    reverse=False,
+    lengths=None,
+):
     """input [T, B, I], h0 [B, H]. `lengths` (list of B ints, default all T) limits each sequence:
     steps at or past a row's length leave its state alone and output zeros, as packing does.
     Returns output [T, B, H] and the final state [B, H] (of each row's own last step)."""
@@ -38,8 +48,9 @@ def elman_rnn(input, h0, layers, nonlinearity="tanh", bidirectional=False, lengt
         outs = []
         for d, (w_ih, w_hh, b_ih, b_hh) in enumerate(directions):
             index = layer * len(directions) + d
-            out, h = elman_layer(x, h0[index], w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse=d == 1,
-                                 lengths=lengths)
+            out, h = elman_layer(
+                x, h0[index], w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse=d == 1, lengths=lengths
+            )
             outs.append(out)
             final_states.append(h)
         x = torch.cat(outs, dim=-1)

@@ -1,5 +1,6 @@
 """Fixtures shared by the test files: the device to run on, and the CUDA recurrence regime to force.
 Everything else the files share is in helpers.py."""
+
 import pytest
 
 # helpers.py asserts too: pytest's assertion messages for it, as for the test files.

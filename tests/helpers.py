@@ -1,6 +1,7 @@
 """Helpers the test files share (imported as a plain module; conftest.py holds the fixtures): the
 devices to test on, per-case seeds, rnn_ext.RNN paired with nn.RNN, random arguments of one layer op
 call, the comparisons of results, and the guard for tests that may need the expecttest package."""
+
 import contextlib
 import zlib
 
@@ -53,8 +54,9 @@ def seeded_randn(*shape, seed=0, dtype=torch.float64):
 # --- Arguments of one layer op call -------------------------------------------------------------
 
 
-def random_layer(seed, steps=4, batch=3, input_size=3, hidden=5, directions=1, bias=True,
-                 packed=False, packed_lengths=None):
+def random_layer(
+    seed, steps=4, batch=3, input_size=3, hidden=5, directions=1, bias=True, packed=False, packed_lengths=None
+):
     """Random float64 CPU arguments of one elman_forward call: (input, hx, weights, batch_sizes).
     Weights are uniform in +-hidden**-0.5 (nn.RNN's init), hx and the input standard normal. The
     input is packed when packed_lengths (per sequence, longest first; they set steps and batch) is
@@ -66,10 +68,17 @@ def random_layer(seed, steps=4, batch=3, input_size=3, hidden=5, directions=1, b
     weights = []
     for _ in range(directions):
         shapes = [(hidden, input_size), (hidden, hidden)] + ([(hidden,), (hidden,)] if bias else [])
-        weights += [(torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * scale for shape in shapes]
+        weights += [
+            (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * scale for shape in shapes
+        ]
     hx = torch.randn(directions, batch, hidden, generator=generator, dtype=torch.float64)
     if packed_lengths is None and not packed:
-        return torch.randn(steps, batch, input_size, generator=generator, dtype=torch.float64), hx, weights, None
+        return (
+            torch.randn(steps, batch, input_size, generator=generator, dtype=torch.float64),
+            hx,
+            weights,
+            None,
+        )
     if packed_lengths is None:
         lengths = torch.randint(1, steps + 1, (batch,), generator=generator).sort(descending=True).values
         lengths[0] = steps
@@ -92,7 +101,12 @@ def rounded_to(layer, dtype):
     """The layer's arguments rounded to `dtype` and back, so that a float64 truth computed from them
     measures only the kernels' rounding, not the inputs'."""
     input, hx, weights, batch_sizes = layer
-    return input.to(dtype).double(), hx.to(dtype).double(), [w.to(dtype).double() for w in weights], batch_sizes
+    return (
+        input.to(dtype).double(),
+        hx.to(dtype).double(),
+        [w.to(dtype).double() for w in weights],
+        batch_sizes,
+    )
 
 
 def relu_pre_activations(layer):
@@ -102,7 +116,7 @@ def relu_pre_activations(layer):
     steps, per_direction = input.shape[0], len(weights) // hx.shape[0]
     result = []
     for direction in range(hx.shape[0]):
-        w_ih, w_hh, *biases = weights[direction * per_direction:(direction + 1) * per_direction]
+        w_ih, w_hh, *biases = weights[direction * per_direction : (direction + 1) * per_direction]
         h, pre = hx[direction], [None] * steps
         for t in reversed(range(steps)) if direction == 1 else range(steps):
             pre[t] = input[t] @ w_ih.T + h @ w_hh.T + sum(biases)
@@ -131,14 +145,24 @@ def relu_layer_away_from_zero(seed, steps, batch, hidden, dtype, margin=0.2):
         return torch.linalg.qr(torch.randn(hidden, hidden, generator=generator, dtype=torch.float64))[0]
 
     def targets():
-        magnitude = margin + (1.5 - margin) * torch.rand(steps, batch, hidden, generator=generator, dtype=torch.float64)
+        magnitude = margin + (1.5 - margin) * torch.rand(
+            steps, batch, hidden, generator=generator, dtype=torch.float64
+        )
         return magnitude * (torch.randint(0, 2, magnitude.shape, generator=generator) * 2 - 1)
 
     forward_block, reverse_block, reverse_cross = orthogonal(), orthogonal(), uniform(hidden, hidden)
-    forward_weights = [torch.cat([forward_block, torch.zeros(hidden, hidden, dtype=torch.float64)], 1),
-                       uniform(hidden, hidden), uniform(hidden), uniform(hidden)]
-    reverse_weights = [torch.cat([reverse_cross, reverse_block], 1), uniform(hidden, hidden), uniform(hidden),
-                       uniform(hidden)]
+    forward_weights = [
+        torch.cat([forward_block, torch.zeros(hidden, hidden, dtype=torch.float64)], 1),
+        uniform(hidden, hidden),
+        uniform(hidden),
+        uniform(hidden),
+    ]
+    reverse_weights = [
+        torch.cat([reverse_cross, reverse_block], 1),
+        uniform(hidden, hidden),
+        uniform(hidden),
+        uniform(hidden),
+    ]
     hx = torch.randn(2, batch, hidden, generator=generator, dtype=torch.float64)
     forward_targets, reverse_targets = targets(), targets()
     first = torch.empty(steps, batch, hidden, dtype=torch.float64)
@@ -146,7 +170,9 @@ def relu_layer_away_from_zero(seed, steps, batch, hidden, dtype, margin=0.2):
     h = hx[0]
     for t in range(steps):
         rest = h @ forward_weights[1].T + forward_weights[2] + forward_weights[3]
-        first[t] = (forward_targets[t] - rest) @ forward_block  # the block is orthogonal: its inverse is its transpose
+        first[t] = (
+            forward_targets[t] - rest
+        ) @ forward_block  # the block is orthogonal: its inverse is its transpose
         h = forward_targets[t].clamp(min=0)
     h = hx[1]
     for t in reversed(range(steps)):
@@ -188,7 +214,11 @@ def assert_results_close(actual, expected, rtol):
     """op_results of two runs: each tensor within rtol * max(1, max |expected|)."""
     assert len(actual) == len(expected)
     for index, (a, e) in enumerate(zip(actual, expected)):
-        name = OP_RESULT_NAMES[index] if index < len(OP_RESULT_NAMES) else f"grad weight {index - len(OP_RESULT_NAMES)}"
+        name = (
+            OP_RESULT_NAMES[index]
+            if index < len(OP_RESULT_NAMES)
+            else f"grad weight {index - len(OP_RESULT_NAMES)}"
+        )
         assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
         if e.numel() == 0:
             continue
@@ -204,7 +234,8 @@ def module_results(module, x, hx=None, leaves=None, seed=1):
     data = output.data if isinstance(output, nn.utils.rnn.PackedSequence) else output
     generator = torch.Generator().manual_seed(seed)
     loss = (data * torch.randn(data.shape, generator=generator, dtype=data.dtype)).sum() + (
-        h_n * torch.randn(h_n.shape, generator=generator, dtype=h_n.dtype)).sum()
+        h_n * torch.randn(h_n.shape, generator=generator, dtype=h_n.dtype)
+    ).sum()
     if leaves is None:
         leaves = [t for t in (x, hx) if t is not None and t.requires_grad]
     leaves = leaves + [p for p in module.parameters() if p.requires_grad]
@@ -221,8 +252,13 @@ def assert_same_values(got, want, what=""):
     assert torch.equal(torch.isneginf(got), torch.isneginf(want)), f"{what}: -inf positions differ"
     finite = torch.isfinite(want)
     scale = max(1.0, want[finite].abs().max().item()) if finite.any() else 1.0
-    torch.testing.assert_close(got[finite], want[finite], rtol=FLOAT64_TOLERANCE, atol=FLOAT64_TOLERANCE * scale,
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        got[finite],
+        want[finite],
+        rtol=FLOAT64_TOLERANCE,
+        atol=FLOAT64_TOLERANCE * scale,
+        msg=lambda m: f"{what}: {m}",
+    )
 
 
 def assert_same_module_results(ours, reference, make_inputs, what=""):
@@ -249,7 +285,9 @@ def skip_if_expecttest_missing():
         cause = error
         while cause is not None:
             if isinstance(cause, ModuleNotFoundError) and cause.name == "expecttest":
-                pytest.skip("needs the expecttest package (torch.testing._internal imports it), "
-                            "which is not installed")
+                pytest.skip(
+                    "needs the expecttest package (torch.testing._internal imports it), "
+                    "which is not installed"
+                )
             cause = cause.__cause__ or cause.__context__
         raise

@@ -1,6 +1,7 @@
 """The CPU engine's threading and kernel builds: every phase of a large layer runs on more than one
 thread when torch has them (and on one when it has one), results match nn.RNN across the sizes
 where the work splits change, and the AVX-512 and AVX2 kernel builds agree with the reference."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,13 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import rnn_ext
 from rnn_ext import _C
 
-PHASES = ("input_projection", "forward_recurrence", "backward_recurrence", "input_gradient",
-          "weight_gradient")
+PHASES = (
+    "input_projection",
+    "forward_recurrence",
+    "backward_recurrence",
+    "input_gradient",
+    "weight_gradient",
+)
 
 
 @pytest.fixture
@@ -82,8 +88,15 @@ SHAPES = [
     dict(steps=11, batch=64, input_size=70, hidden_size=130, num_layers=1),
     dict(steps=5, batch=20, input_size=64, hidden_size=300, num_layers=2, bidirectional=True),
     dict(steps=6, batch=33, input_size=40, hidden_size=96, num_layers=1, nonlinearity="relu"),
-    dict(steps=12, batch=9, input_size=16, hidden_size=200, num_layers=1, bidirectional=True,
-         lengths=[12, 3, 7, 12, 1, 9, 5, 2, 11]),
+    dict(
+        steps=12,
+        batch=9,
+        input_size=16,
+        hidden_size=200,
+        num_layers=1,
+        bidirectional=True,
+        lengths=[12, 3, 7, 12, 1, 9, 5, 2, 11],
+    ),
 ]
 
 
@@ -99,17 +112,18 @@ def test_matches_nn_rnn_in_float64(threads, index, thread_count):
     candidate.load_state_dict(reference.state_dict())
     directions = 2 if shape.get("bidirectional") else 1
     x = torch.randn(steps, batch, shape["input_size"], dtype=torch.float64, requires_grad=True)
-    h0 = torch.randn(shape["num_layers"] * directions, batch, shape["hidden_size"],
-                     dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(
+        shape["num_layers"] * directions, batch, shape["hidden_size"], dtype=torch.float64, requires_grad=True
+    )
     results = []
     for module in (reference, candidate):
-        inp = x if lengths is None else pack_padded_sequence(x, torch.tensor(lengths),
-                                                             enforce_sorted=False)
+        inp = x if lengths is None else pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
         output, h_n = module(inp, h0)
         data = output if lengths is None else output.data
         torch.manual_seed(99)
-        grads = torch.autograd.grad((data, h_n), (x, h0, *module.parameters()),
-                                    (torch.randn_like(data), torch.randn_like(h_n)))
+        grads = torch.autograd.grad(
+            (data, h_n), (x, h0, *module.parameters()), (torch.randn_like(data), torch.randn_like(h_n))
+        )
         results.append((data.detach(), h_n.detach(), *grads))
     for want, got in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
@@ -136,8 +150,14 @@ def test_kernel_builds_match_the_float64_reference(disable_avx512):
     env.pop("RNN_EXT_NO_AVX512", None)
     if disable_avx512:
         env["RNN_EXT_NO_AVX512"] = "1"
-    result = subprocess.run([sys.executable, "-c", _KERNEL_PROBE], env=env, capture_output=True,
-                            text=True, timeout=300, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", _KERNEL_PROBE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     assert float(result.stdout.strip()) < 2e-5
 
 
@@ -165,6 +185,7 @@ def test_a_smaller_team_than_asked_for_still_computes_every_direction():
     """OpenMP may grant fewer threads than torch asks for (OMP_THREAD_LIMIT, OMP_DYNAMIC): every
     direction and gradient must still be computed."""
     env = dict(os.environ, OMP_THREAD_LIMIT="1")
-    result = subprocess.run([sys.executable, "-c", _SMALL_TEAM_PROBE], env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", _SMALL_TEAM_PROBE], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

@@ -1,6 +1,7 @@
 """The CUDA backend: agreement with the CPU op, every recurrence regime forced, half types against a
 float64 truth, a non-default stream, CUDA-graph capture and replay, packed input, and indices past
 2^31. Skipped as a whole without a GPU and a CUDA build of rnn_ext."""
+
 import itertools
 
 import pytest
@@ -48,7 +49,9 @@ LAYER_GRID = list(
 def test_float64_matches_cpu(cuda_regime, directions, packed, bias_relu, hidden):
     bias, relu = bias_relu
     seed = stable_seed("float64", cuda_regime, directions, packed, bias_relu, hidden)
-    layer = random_layer(seed, steps=7, batch=5, input_size=6, hidden=hidden, directions=directions, bias=bias, packed=packed)
+    layer = random_layer(
+        seed, steps=7, batch=5, input_size=6, hidden=hidden, directions=directions, bias=bias, packed=packed
+    )
     expected = op_results("cpu", torch.float64, layer, relu, seed)
     actual = op_results("cuda", torch.float64, layer, relu, seed)
     assert_results_close(actual, expected, 1e-10)
@@ -58,7 +61,9 @@ def test_float64_matches_cpu(cuda_regime, directions, packed, bias_relu, hidden)
 @pytest.mark.parametrize("hidden", [24, 130])
 def test_float32_against_float64_truth(cuda_regime, directions, packed, hidden):
     seed = stable_seed("float32", cuda_regime, directions, packed, hidden)
-    layer = random_layer(seed, steps=9, batch=6, input_size=7, hidden=hidden, directions=directions, bias=True, packed=packed)
+    layer = random_layer(
+        seed, steps=9, batch=6, input_size=7, hidden=hidden, directions=directions, bias=True, packed=packed
+    )
     truth = op_results("cpu", torch.float64, rounded_to(layer, torch.float32), False, seed, torch.float32)
     actual = op_results("cuda", torch.float32, layer, False, seed)
     assert_results_close(actual, truth, 1e-5)
@@ -74,7 +79,9 @@ def test_half_types_against_float64_truth(cuda_regime, dtype, relu):
         # derivative, an O(1) gradient error of a correct kernel. These inputs keep them away from zero.
         layer = relu_layer_away_from_zero(seed, steps=8, batch=4, hidden=40, dtype=dtype)
     else:
-        layer = random_layer(seed, steps=8, batch=4, input_size=5, hidden=40, directions=2, bias=True, packed=False)
+        layer = random_layer(
+            seed, steps=8, batch=4, input_size=5, hidden=40, directions=2, bias=True, packed=False
+        )
     truth = op_results("cpu", torch.float64, rounded_to(layer, dtype), relu, seed, dtype)
     actual = op_results("cuda", dtype, layer, relu, seed)
     # Outputs and gradients are stored in the half type (2^-11 or 2^-8 relative) and the recurrence
@@ -86,7 +93,9 @@ def test_half_types_against_float64_truth(cuda_regime, dtype, relu):
 def test_batch_tiles_and_groups(cuda_regime, batch):
     """Batch sizes around the register tiles (1, 2, 4, 8 rows) and far past one block's rows."""
     seed = stable_seed("batch", cuda_regime, batch)
-    layer = random_layer(seed, steps=4, batch=batch, input_size=3, hidden=20, directions=2, bias=True, packed=True)
+    layer = random_layer(
+        seed, steps=4, batch=batch, input_size=3, hidden=20, directions=2, bias=True, packed=True
+    )
     expected = op_results("cpu", torch.float64, layer, False, seed)
     actual = op_results("cuda", torch.float64, layer, False, seed)
     assert_results_close(actual, expected, 1e-10)
@@ -99,7 +108,9 @@ def test_large_hidden(monkeypatch, hidden, requested):
     regime that runs; a forced regime either runs correctly or refuses with a clear error."""
     monkeypatch.setenv("RNN_EXT_CUDA_REGIME", requested)
     seed = stable_seed("large", hidden, requested)
-    layer = random_layer(seed, steps=4, batch=3, input_size=8, hidden=hidden, directions=1, bias=True, packed=False)
+    layer = random_layer(
+        seed, steps=4, batch=3, input_size=8, hidden=hidden, directions=1, bias=True, packed=False
+    )
     truth = op_results("cpu", torch.float64, rounded_to(layer, torch.float32), False, seed, torch.float32)
     if requested == "single_block" and hidden > 512:
         with pytest.raises(RuntimeError, match="RNN_EXT_CUDA_REGIME=single_block cannot run"):
@@ -118,8 +129,9 @@ def test_large_hidden(monkeypatch, hidden, requested):
 def test_matches_nn_rnn_on_cuda_packed_module():
     """rnn_ext.RNN on CUDA against nn.RNN on the CPU (float64), multi-layer, bidirectional, packed
     with unsorted lengths."""
-    ours, reference = ours_and_reference(5, 12, num_layers=2, bidirectional=True, dtype=torch.float64,
-                                         seed=stable_seed("module"))
+    ours, reference = ours_and_reference(
+        5, 12, num_layers=2, bidirectional=True, dtype=torch.float64, seed=stable_seed("module")
+    )
     ours = ours.cuda()
     padded = torch.randn(9, 4, 5, dtype=torch.float64)
     lengths = torch.tensor([3, 9, 1, 6])
@@ -130,7 +142,10 @@ def test_matches_nn_rnn_on_cuda_packed_module():
         output, h_n = module(packed)
         output, _ = pad_packed_sequence(output)
         (output.square().sum() + h_n.sum()).backward()
-        results.append([output.detach().cpu(), h_n.detach().cpu(), x.grad.cpu()] + [p.grad.cpu() for p in module.parameters()])
+        results.append(
+            [output.detach().cpu(), h_n.detach().cpu(), x.grad.cpu()]
+            + [p.grad.cpu() for p in module.parameters()]
+        )
     for a, b in zip(results[1], results[0]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
@@ -146,7 +161,9 @@ def test_cpu_and_cuda_module_agree_float32(packed):
     for module, device in ((cpu, "cpu"), (gpu, "cuda")):
         inputs = x.to(device)
         if packed:
-            inputs = pack_padded_sequence(inputs, torch.tensor([6, 2, 4]), batch_first=True, enforce_sorted=False)
+            inputs = pack_padded_sequence(
+                inputs, torch.tensor([6, 2, 4]), batch_first=True, enforce_sorted=False
+            )
         output, h_n = module(inputs)
         if packed:
             output = pad_packed_sequence(output, batch_first=True)[0]
@@ -159,7 +176,9 @@ def test_non_default_stream(cuda_regime):
     """The op runs on the caller's current stream: inputs made on a side stream are read after they
     are written there, and the results match the default stream's."""
     seed = stable_seed("stream", cuda_regime)
-    layer = random_layer(seed, steps=6, batch=4, input_size=3, hidden=24, directions=2, bias=True, packed=False)
+    layer = random_layer(
+        seed, steps=6, batch=4, input_size=3, hidden=24, directions=2, bias=True, packed=False
+    )
     expected = op_results("cuda", torch.float32, layer, True, seed)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -170,7 +189,9 @@ def test_non_default_stream(cuda_regime):
 
 
 def _graph_case(seed):
-    layer = random_layer(seed, steps=6, batch=4, input_size=3, hidden=24, directions=2, bias=True, packed=False)
+    layer = random_layer(
+        seed, steps=6, batch=4, input_size=3, hidden=24, directions=2, bias=True, packed=False
+    )
     input, hx, weights, _ = layer
     return (
         input.float().cuda(),
@@ -244,7 +265,15 @@ def test_empty_shapes():
     output, h_n = elman_forward(input, hx, weights, None, False)
     assert output.shape == (5, 0, 4) and h_n.shape == (1, 0, 4)
     grad_input, grad_hx, grad_weights = elman_backward(
-        torch.zeros_like(output), torch.zeros_like(h_n), input, hx, weights, output, None, False, [True, True, True]
+        torch.zeros_like(output),
+        torch.zeros_like(h_n),
+        input,
+        hx,
+        weights,
+        output,
+        None,
+        False,
+        [True, True, True],
     )
     assert grad_input.shape == input.shape and grad_hx.shape == hx.shape
     assert all(g.shape == w.shape and not g.any() for g, w in zip(grad_weights, weights))
@@ -270,8 +299,8 @@ def test_indices_past_2_pow_31():
         output, h_n = elman_forward(input, hx, weights, None, False)
         tail = 3
         start = output[steps - tail - 1].unsqueeze(0).contiguous()
-        tail_output, tail_h_n = elman_forward(input[steps - tail:].contiguous(), start, weights, None, False)
+        tail_output, tail_h_n = elman_forward(input[steps - tail :].contiguous(), start, weights, None, False)
     # The long run carries its state in float32 while the short one restarts from the float16 output,
     # so they agree to float16 rounding, not bit for bit.
-    torch.testing.assert_close(output[steps - tail:], tail_output, rtol=0, atol=5e-3)
+    torch.testing.assert_close(output[steps - tail :], tail_output, rtol=0, atol=5e-3)
     torch.testing.assert_close(h_n, tail_h_n, rtol=0, atol=5e-3)

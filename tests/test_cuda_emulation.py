@@ -4,6 +4,7 @@ barriers for __syncthreads and the cooperative grid sync, per-block shared memor
 planner on small fake devices and checked against rnn_ext/reference.py. Also the planner's
 shared-memory and co-residency arithmetic at H100/H200 limits. No GPU needed; what this cannot show
 is in README.md ("CUDA kernels on the CPU")."""
+
 import ctypes
 import importlib.util
 import itertools
@@ -17,19 +18,35 @@ import torch
 from rnn_ext import reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.util.spec_from_file_location("emulation_build", os.path.join(HERE, "cuda_emulation", "build.py"))
+_spec = importlib.util.spec_from_file_location(
+    "emulation_build", os.path.join(HERE, "cuda_emulation", "build.py")
+)
 emulation_build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(emulation_build)
 
-pytestmark = [pytest.mark.emulation, pytest.mark.skipif(
-    shutil.which("g++") is None or not emulation_build.cuda_headers_available(),
-    reason="needs g++ and the CUDA toolkit headers (cuda_fp16.h)",
-)]
+pytestmark = [
+    pytest.mark.emulation,
+    pytest.mark.skipif(
+        shutil.which("g++") is None or not emulation_build.cuda_headers_available(),
+        reason="needs g++ and the CUDA toolkit headers (cuda_fp16.h)",
+    ),
+]
 
 SCALAR_TYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 REGIMES = {"auto": 0, "single_block": 1, "cooperative": 2, "step_gemm": 3}
-PLAN_FIELDS = ["regime", "batch_tile", "slice_width", "slices", "rows_per_group", "groups", "k_split",
-               "threads", "shared_bytes", "launch_directions", "rejected"]
+PLAN_FIELDS = [
+    "regime",
+    "batch_tile",
+    "slice_width",
+    "slices",
+    "rows_per_group",
+    "groups",
+    "k_split",
+    "threads",
+    "shared_bytes",
+    "launch_directions",
+    "rejected",
+]
 # Agreement with the float64 truth. The half types get their inputs rounded the same way, so what is
 # left is float32 accumulation and the final rounding of each stored value (about one unit in the
 # last place: 2^-11 for float16, 2^-8 for bfloat16), twice that for gradients (y is stored rounded).
@@ -46,20 +63,46 @@ def stable_seed(*parts):
 @pytest.fixture(scope="module")
 def lib():
     library = ctypes.CDLL(emulation_build.build("library"))
-    library.emu_define_device.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-    library.emu_plan.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                 ctypes.c_int, ctypes.c_int, int64_p, ctypes.c_char_p, ctypes.c_int]
+    library.emu_define_device.argtypes = [
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int,
+    ]
+    library.emu_plan.argtypes = [
+        ctypes.c_int,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int,
+        ctypes.c_int,
+        int64_p,
+        ctypes.c_char_p,
+        ctypes.c_int,
+    ]
     library.emu_run_recurrence.argtypes = (
-        [ctypes.c_int] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 9 + [ctypes.c_int, ctypes.c_int, int64_p]
+        [ctypes.c_int] * 3
+        + [ctypes.c_int64] * 4
+        + [ctypes.c_void_p] * 9
+        + [ctypes.c_int, ctypes.c_int, int64_p]
     )
     library.emu_step_activation.argtypes = (
-        [ctypes.c_int, ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_int64]
+        [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+        + [ctypes.c_int64] * 5
+        + [ctypes.c_void_p, ctypes.c_int64]
     )
     library.emu_step_gradient.argtypes = (
-        [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 2
+        [ctypes.c_int, ctypes.c_int]
+        + [ctypes.c_void_p] * 3
+        + [ctypes.c_int64] * 5
+        + [ctypes.c_void_p] * 2
         + [ctypes.c_int64]
     )
-    library.emu_gather_previous_states.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4
+    library.emu_gather_previous_states.argtypes = (
+        [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4
+    )
     return library
 
 
@@ -77,8 +120,12 @@ def use_device(lib, sm_count, optin, per_sm, cooperative=1):
 def plan_of(lib, dtype, hidden, batch, directions, regime="auto", max_slice=0, steps=4):
     out = (ctypes.c_int64 * len(PLAN_FIELDS))()
     text = ctypes.create_string_buffer(256)
-    assert lib.emu_plan(SCALAR_TYPES[dtype], steps, batch, hidden, directions, REGIMES[regime], max_slice, out,
-                        text, 256) == 0
+    assert (
+        lib.emu_plan(
+            SCALAR_TYPES[dtype], steps, batch, hidden, directions, REGIMES[regime], max_slice, out, text, 256
+        )
+        == 0
+    )
     plan = dict(zip(PLAN_FIELDS, list(out)))
     plan["reason"] = text.value.decode()
     return plan
@@ -90,6 +137,7 @@ def ptr(tensor):
 
 # ---------------------------------------------------------------------------------------------
 # Problems and their float64 truth (rnn_ext/reference.py).
+
 
 class Layer:
     """One layer's recurrence in the kernels' terms: P (the input projection, already in the output
@@ -106,7 +154,9 @@ class Layer:
             self.lengths = [int(n) for n in lengths]
         else:
             self.lengths = [steps] * batch
-        self.batch_sizes = torch.tensor([sum(n > t for n in self.lengths) for t in range(steps)], dtype=torch.int64)
+        self.batch_sizes = torch.tensor(
+            [sum(n > t for n in self.lengths) for t in range(steps)], dtype=torch.int64
+        )
         self.step_offsets = torch.cumsum(self.batch_sizes, 0) - self.batch_sizes
         self.rows = int(self.batch_sizes.sum())
 
@@ -115,7 +165,9 @@ class Layer:
 
         self.pre = draw(self.rows, directions * hidden, scale=0.7)
         self.weight_hh = [
-            ((torch.rand(hidden, hidden, generator=g, dtype=torch.float64) * 2 - 1) * 1.2 * hidden**-0.5).to(dtype).double()
+            ((torch.rand(hidden, hidden, generator=g, dtype=torch.float64) * 2 - 1) * 1.2 * hidden**-0.5)
+            .to(dtype)
+            .double()
             for _ in range(directions)
         ]
         self.hx = draw(directions, batch, hidden, scale=0.7)
@@ -128,7 +180,7 @@ class Layer:
         out = torch.zeros(self.steps, self.batch, H, dtype=rows_tensor.dtype)
         for t in range(self.steps):
             o, n = int(self.step_offsets[t]), int(self.batch_sizes[t])
-            out[t, :n] = rows_tensor[o:o + n, d * H:(d + 1) * H]
+            out[t, :n] = rows_tensor[o : o + n, d * H : (d + 1) * H]
         return out
 
     def packed_rows(self, per_direction):
@@ -148,8 +200,15 @@ class Layer:
         hx = self.hx.clone().requires_grad_(True)
         outputs, finals = [], []
         for d in range(self.directions):
-            out, h = reference.elman_layer(pre[d], hx[d], eye, self.weight_hh[d], nonlinearity=nonlinearity,
-                                           reverse=d == 1, lengths=self.lengths)
+            out, h = reference.elman_layer(
+                pre[d],
+                hx[d],
+                eye,
+                self.weight_hh[d],
+                nonlinearity=nonlinearity,
+                reverse=d == 1,
+                lengths=self.lengths,
+            )
             outputs.append(out)
             finals.append(h)
         output, h_n = self.packed_rows(outputs), torch.stack(finals)
@@ -170,7 +229,9 @@ class Layer:
 def assert_agrees(actual, truth, dtype, what):
     tolerance = TOLERANCE[dtype]
     scale = max(1.0, float(truth.abs().max())) if truth.numel() else 1.0
-    torch.testing.assert_close(actual.double(), truth, rtol=tolerance, atol=tolerance * scale, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.double(), truth, rtol=tolerance, atol=tolerance * scale, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def run_persistent(lib, layer, regime, max_slice, backward, output=None):
@@ -185,11 +246,32 @@ def run_persistent(lib, layer, regime, max_slice, backward, output=None):
         initial, grad_output, out = layer.cast(layer.hx), None, None
     else:
         sequence = torch.full((layer.rows, D * H), float("nan"), dtype=layer.dtype)
-        initial, grad_output, out = layer.cast(layer.grad_h_n), layer.cast(layer.grad_output), layer.cast(output)
+        initial, grad_output, out = (
+            layer.cast(layer.grad_h_n),
+            layer.cast(layer.grad_output),
+            layer.cast(output),
+        )
     code = lib.emu_run_recurrence(
-        SCALAR_TYPES[layer.dtype], int(layer.relu), int(backward), layer.steps, B, H, D, ptr(batch_sizes),
-        ptr(step_offsets), ptr(weights[0]), ptr(weights[-1]), ptr(initial), ptr(final), ptr(sequence),
-        ptr(grad_output), ptr(out), REGIMES[regime], max_slice, plan_out)
+        SCALAR_TYPES[layer.dtype],
+        int(layer.relu),
+        int(backward),
+        layer.steps,
+        B,
+        H,
+        D,
+        ptr(batch_sizes),
+        ptr(step_offsets),
+        ptr(weights[0]),
+        ptr(weights[-1]),
+        ptr(initial),
+        ptr(final),
+        ptr(sequence),
+        ptr(grad_output),
+        ptr(out),
+        REGIMES[regime],
+        max_slice,
+        plan_out,
+    )
     plan = dict(zip(PLAN_FIELDS, list(plan_out)))
     assert code == 0, f"launch failed with {code}, plan {plan}"
     return sequence, final, plan
@@ -207,17 +289,49 @@ PERSISTENT_CASES = [
     ("single_tile2_h16", SMALL, "single_block", 0, 2, 16, 2, dict(regime=1, batch_tile=2)),
     ("single_tile4_h21", SMALL, "single_block", 0, 3, 21, 2, dict(regime=1, batch_tile=4)),
     # 9 rows x 2 directions over 2 SMs: 8-row tiles; two blocks along the batch, the second part-full.
-    ("single_tile8_h40", (2, 48 * 1024, 64 * 1024), "single_block", 0, 9, 40, 2,
-     dict(regime=1, batch_tile=8, groups=2)),
+    (
+        "single_tile8_h40",
+        (2, 48 * 1024, 64 * 1024),
+        "single_block",
+        0,
+        9,
+        40,
+        2,
+        dict(regime=1, batch_tile=8, groups=2),
+    ),
     # Both directions in one grid, 3 slices of 7 units, 2 row groups of 6 rows (8-row tile part-full).
-    ("coop_slices_groups_h21", (16, 48 * 1024, 64 * 1024), "cooperative", 8, 12, 21, 2,
-     dict(regime=2, batch_tile=8, slices=3, groups=2, launch_directions=2)),
+    (
+        "coop_slices_groups_h21",
+        (16, 48 * 1024, 64 * 1024),
+        "cooperative",
+        8,
+        12,
+        21,
+        2,
+        dict(regime=2, batch_tile=8, slices=3, groups=2, launch_directions=2),
+    ),
     # Too few SMs for both directions' slices at once: one launch per direction.
-    ("coop_separate_h21", (4, 48 * 1024, 64 * 1024), "cooperative", 8, 4, 21, 2,
-     dict(regime=2, batch_tile=4, launch_directions=1)),
+    (
+        "coop_separate_h21",
+        (4, 48 * 1024, 64 * 1024),
+        "cooperative",
+        8,
+        4,
+        21,
+        2,
+        dict(regime=2, batch_tile=4, launch_directions=1),
+    ),
     # One row group of 20 rows: three register tiles per block and step; H a multiple of 4.
-    ("coop_tiles_per_block_h24", (2, 48 * 1024, 64 * 1024), "cooperative", 12, 20, 24, 1,
-     dict(regime=2, batch_tile=8, slices=2, groups=1, rows_per_group=20)),
+    (
+        "coop_tiles_per_block_h24",
+        (2, 48 * 1024, 64 * 1024),
+        "cooperative",
+        12,
+        20,
+        24,
+        1,
+        dict(regime=2, batch_tile=8, slices=2, groups=1, rows_per_group=20),
+    ),
     ("coop_tile1_h21", (8, 48 * 1024, 64 * 1024), "cooperative", 8, 1, 21, 1, dict(regime=2, batch_tile=1)),
     ("coop_tile2_h16", (8, 48 * 1024, 64 * 1024), "cooperative", 8, 2, 16, 2, dict(regime=2, batch_tile=2)),
 ]
@@ -231,7 +345,9 @@ DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 def test_persistent_recurrence(lib, case, packed, relu, dtype):
     name, device, regime, max_slice, batch, hidden, directions, expected_plan = case
     use_device(lib, *device)
-    layer = Layer(stable_seed(name, packed, relu, str(dtype)), 5, batch, hidden, directions, packed, relu, dtype)
+    layer = Layer(
+        stable_seed(name, packed, relu, str(dtype)), 5, batch, hidden, directions, packed, relu, dtype
+    )
     output, h_n, grad_pre, grad_hx = layer.truth()
 
     sequence, final, plan = run_persistent(lib, layer, regime, max_slice, backward=False)
@@ -263,6 +379,7 @@ def test_persistent_regimes_agree_bitwise_where_they_share_order(lib):
 # ---------------------------------------------------------------------------------------------
 # The step-GEMM regime's pointwise kernels, with the GEMMs (cuBLAS on the device) done here.
 
+
 def step_gemm_forward(lib, layer):
     """The forward of the step-GEMM regime as the CUDA glue runs it: per step, the product added into
     the step's rows (in float64, rounded to the storage type as cuBLAS rounds its output), then the
@@ -284,16 +401,29 @@ def step_gemm_forward(lib, layer):
             if previous is not None:  # rows that continue read the previous step's output
                 carried = min(n, int(sizes[previous]))
                 po = int(offsets[previous])
-                state[:carried] = sequence[po:po + carried, columns].double()
-            current = sequence[o:o + n, columns].double() + state @ weight.T
-            sequence[o:o + n, columns] = current.to(layer.dtype)
+                state[:carried] = sequence[po : po + carried, columns].double()
+            current = sequence[o : o + n, columns].double() + state @ weight.T
+            sequence[o : o + n, columns] = current.to(layer.dtype)
             # Rows past the next step's batch size end here (every row, at the direction's last step).
             if reverse:
                 first_final = 0 if t == 0 else n
             else:
                 first_final = 0 if t == layer.steps - 1 else int(sizes[t + 1])
-            assert lib.emu_step_activation(SCALAR_TYPES[layer.dtype], int(layer.relu), ptr(sequence), o, n, H, D, d,
-                                           ptr(h_n[d]), first_final) == 0
+            assert (
+                lib.emu_step_activation(
+                    SCALAR_TYPES[layer.dtype],
+                    int(layer.relu),
+                    ptr(sequence),
+                    o,
+                    n,
+                    H,
+                    D,
+                    d,
+                    ptr(h_n[d]),
+                    first_final,
+                )
+                == 0
+            )
             previous = t
     return sequence, h_n
 
@@ -304,7 +434,11 @@ def step_gemm_backward(lib, layer, output):
     D, H = layer.directions, layer.hidden
     grad_pre = torch.full((layer.rows, D * H), float("nan"), dtype=layer.dtype)
     grad_hx = torch.full((D, layer.batch, H), float("nan"), dtype=layer.dtype)
-    grad_output, output, grad_h_n = layer.cast(layer.grad_output), layer.cast(output), layer.cast(layer.grad_h_n)
+    grad_output, output, grad_h_n = (
+        layer.cast(layer.grad_output),
+        layer.cast(output),
+        layer.cast(layer.grad_h_n),
+    )
     carry = torch.full((layer.batch, H), float("nan"), dtype=layer.dtype)
     offsets, sizes = layer.step_offsets, layer.batch_sizes
     for d in range(D):
@@ -319,10 +453,25 @@ def step_gemm_backward(lib, layer, output):
             else:
                 first_final = 0 if t == layer.steps - 1 else int(sizes[t + 1])
                 carried = 0 if t == 0 else n
-            assert lib.emu_step_gradient(SCALAR_TYPES[layer.dtype], int(layer.relu), ptr(grad_pre), ptr(grad_output),
-                                         ptr(output), o, n, H, D, d, ptr(carry), ptr(grad_h_n[d].contiguous()),
-                                         first_final) == 0
-            current = grad_pre[o:o + n, d * H:(d + 1) * H].double()
+            assert (
+                lib.emu_step_gradient(
+                    SCALAR_TYPES[layer.dtype],
+                    int(layer.relu),
+                    ptr(grad_pre),
+                    ptr(grad_output),
+                    ptr(output),
+                    o,
+                    n,
+                    H,
+                    D,
+                    d,
+                    ptr(carry),
+                    ptr(grad_h_n[d].contiguous()),
+                    first_final,
+                )
+                == 0
+            )
+            current = grad_pre[o : o + n, d * H : (d + 1) * H].double()
             if carried > 0:
                 carry[:carried] = (current[:carried] @ weight).to(layer.dtype)
             if carried < n:
@@ -355,6 +504,7 @@ def test_step_gemm_pointwise_kernels(lib, packed, relu, dtype, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # The gather of previous states (W_hh gradient of packed input).
 
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_gather_previous_states(lib, packed, dtype):
@@ -364,9 +514,21 @@ def test_gather_previous_states(lib, packed, dtype):
     hx = layer.cast(layer.hx)
     previous = torch.full_like(output, float("nan"))
     batch_sizes, step_offsets = layer.device_steps()
-    assert lib.emu_gather_previous_states(SCALAR_TYPES[dtype], ptr(previous), ptr(output), ptr(hx), ptr(batch_sizes),
-                                          ptr(step_offsets), layer.steps, layer.batch, layer.hidden,
-                                          layer.directions) == 0
+    assert (
+        lib.emu_gather_previous_states(
+            SCALAR_TYPES[dtype],
+            ptr(previous),
+            ptr(output),
+            ptr(hx),
+            ptr(batch_sizes),
+            ptr(step_offsets),
+            layer.steps,
+            layer.batch,
+            layer.hidden,
+            layer.directions,
+        )
+        == 0
+    )
     # The state each row read: h0 at the first step of its sequence in that direction, else its
     # output at the direction's previous step.
     H = layer.hidden
@@ -390,11 +552,17 @@ def test_gather_previous_states(lib, packed, dtype):
 # ---------------------------------------------------------------------------------------------
 # The planner at H100/H200 limits.
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
-                         ids=lambda t: str(t).replace("torch.", ""))
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+    ids=lambda t: str(t).replace("torch.", ""),
+)
 def test_plans_fit_h200(lib, dtype):
     use_device(lib, H200["sm_count"], H200["optin"], H200["per_sm"], H200["cooperative"])
-    for hidden, batch, directions in itertools.product([64, 100, 128, 256, 512, 1024, 2048], [1, 8, 64, 300], [1, 2]):
+    for hidden, batch, directions in itertools.product(
+        [64, 100, 128, 256, 512, 1024, 2048], [1, 8, 64, 300], [1, 2]
+    ):
         plan = plan_of(lib, dtype, hidden, batch, directions)
         where = f"{dtype} H={hidden} B={batch} D={directions}: {plan}"
         assert plan["rejected"] == 0, where
@@ -430,8 +598,11 @@ H200_REGIMES = [
 ]
 
 
-@pytest.mark.parametrize("dtype, hidden, directions, regime", H200_REGIMES,
-                         ids=[f"{str(c[0]).replace('torch.', '')}-H{c[1]}-D{c[2]}" for c in H200_REGIMES])
+@pytest.mark.parametrize(
+    "dtype, hidden, directions, regime",
+    H200_REGIMES,
+    ids=[f"{str(c[0]).replace('torch.', '')}-H{c[1]}-D{c[2]}" for c in H200_REGIMES],
+)
 def test_h200_regime_choice(lib, dtype, hidden, directions, regime):
     use_device(lib, H200["sm_count"], H200["optin"], H200["per_sm"], H200["cooperative"])
     plan = plan_of(lib, dtype, hidden, 16, directions)

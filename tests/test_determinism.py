@@ -1,6 +1,7 @@
 """Determinism: the same inputs give bitwise-identical outputs and gradients, call after call, on
 every device the build has. Dropout is the one source of randomness, and it draws from torch's
 generator: the same seed gives the same masks, hence again identical results."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,27 +12,48 @@ import rnn_ext
 
 REPEATS = 4
 
-_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
-         torch.bfloat16: torch.int16}
+_BITS = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
 
 
 def assert_bitwise_equal(got: torch.Tensor, want: torch.Tensor, what: str):
     """Every bit, so that -0.0 against 0.0 or two different NaN payloads also count as different."""
     assert got.shape == want.shape and got.dtype == want.dtype, what
     bits = _BITS[got.dtype]
-    assert torch.equal(got.contiguous().view(bits), want.contiguous().view(bits)), f"{what} differs between runs"
+    assert torch.equal(got.contiguous().view(bits), want.contiguous().view(bits)), (
+        f"{what} differs between runs"
+    )
 
 
 CONFIGS = {
     # Rows past the CPU kernels' parallel grain, so the input projection and the input gradient
     # are split across threads; H past several column blocks.
     "padded": dict(input_size=64, hidden_size=72, num_layers=2, steps=40, batch=20),
-    "bidirectional-relu": dict(input_size=16, hidden_size=33, num_layers=3, bidirectional=True,
-                               nonlinearity="relu", steps=25, batch=9),
-    "packed-unsorted": dict(input_size=24, hidden_size=40, num_layers=2, bidirectional=True, steps=30,
-                            batch=11, lengths=[30, 3, 17, 30, 1, 9, 22, 5, 30, 12, 2]),
-    "batch-first-no-bias": dict(input_size=8, hidden_size=130, num_layers=1, batch_first=True, bias=False,
-                                steps=12, batch=70),
+    "bidirectional-relu": dict(
+        input_size=16,
+        hidden_size=33,
+        num_layers=3,
+        bidirectional=True,
+        nonlinearity="relu",
+        steps=25,
+        batch=9,
+    ),
+    "packed-unsorted": dict(
+        input_size=24,
+        hidden_size=40,
+        num_layers=2,
+        bidirectional=True,
+        steps=30,
+        batch=11,
+        lengths=[30, 3, 17, 30, 1, 9, 22, 5, 30, 12, 2],
+    ),
+    "batch-first-no-bias": dict(
+        input_size=8, hidden_size=130, num_layers=1, batch_first=True, bias=False, steps=12, batch=70
+    ),
 }
 
 
@@ -45,8 +67,9 @@ def _run_once(module, config, dtype, device, seed=None):
     hx = hx.to(device=device, dtype=dtype).requires_grad_()
     inp = x
     if "lengths" in config:
-        inp = pack_padded_sequence(x, torch.tensor(config["lengths"]), batch_first=module.batch_first,
-                                   enforce_sorted=False)
+        inp = pack_padded_sequence(
+            x, torch.tensor(config["lengths"]), batch_first=module.batch_first, enforce_sorted=False
+        )
     if seed is not None:
         torch.manual_seed(seed)
     output, h_n = module(inp, hx)

@@ -1,5 +1,6 @@
 """rnn_ext.RNN under torch.func transforms and autograd's own tools (forward AD, batched gradients):
 values compared with nn.RNN, with plain backward, with finite differences or with a Python loop."""
+
 import itertools
 
 import pytest
@@ -8,9 +9,8 @@ from torch.autograd import forward_ad
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from rnn_ext.layers import composite_layer
-
 from helpers import DEVICES, layer_on, ours_and_reference, random_layer
+from rnn_ext.layers import composite_layer
 
 # CUDA cases are listed (and skipped) everywhere, so that a run without a GPU says so.
 
@@ -19,8 +19,9 @@ CONFIGS = list(itertools.product([1, 2], [False, True], [False, True], ["tanh", 
 
 def make_pair(config, device="cpu", input_size=3, hidden_size=4, seed=0):
     layers, bidirectional, batch_first, nonlinearity = config
-    kwargs = dict(num_layers=layers, bidirectional=bidirectional, batch_first=batch_first,
-                  nonlinearity=nonlinearity)
+    kwargs = dict(
+        num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, nonlinearity=nonlinearity
+    )
     ours, theirs = ours_and_reference(input_size, hidden_size, seed=seed, **kwargs)
     return ours.to(device=device, dtype=torch.float64), theirs.to(device=device, dtype=torch.float64)
 
@@ -41,8 +42,9 @@ def make_hx(config, device="cpu", batch=2, hidden_size=4, seed=2):
 
 def loss_of(module, params, x, hx=None):
     output, h_n = functional_call(module, params, (x,) if hx is None else (x, hx))
-    return (output.sin() * torch.arange(output.numel(), device=x.device).view(output.shape).cos()).sum() \
-        + (h_n ** 2).sum()
+    return (output.sin() * torch.arange(output.numel(), device=x.device).view(output.shape).cos()).sum() + (
+        h_n**2
+    ).sum()
 
 
 def params_of(module):
@@ -88,16 +90,19 @@ def test_vjp_jacrev_jacfwd_jvp_hessian_match_nn_rnn(device, config):
     for transform in (jacrev, jacfwd, hessian):
         fn = scalar if transform is hessian else outputs
         torch.testing.assert_close(transform(fn(ours))(x), transform(fn(theirs))(x), rtol=1e-10, atol=1e-10)
+
     def of_recurrent_bias(module):
         def fn(bias):
             params = params_of(module)
             params["bias_hh_l0"] = bias
             return loss_of(module, params, x, hx)
+
         return fn
 
     ours_hessian = hessian(of_recurrent_bias(ours))(ours.bias_hh_l0.detach())
-    torch.testing.assert_close(ours_hessian, hessian(of_recurrent_bias(theirs))(theirs.bias_hh_l0.detach()),
-                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        ours_hessian, hessian(of_recurrent_bias(theirs))(theirs.bias_hh_l0.detach()), rtol=1e-10, atol=1e-10
+    )
     assert ours_hessian.abs().max() > 1e-3
     ours_out, ours_tangent = jvp(outputs(ours), (x,), (tangent,))
     theirs_out, theirs_tangent = jvp(outputs(theirs), (x,), (tangent,))
@@ -125,7 +130,10 @@ def test_forward_ad_tangent_matches_nn_rnn_and_finite_difference(device, config)
     for ours_tangent, theirs_tangent in zip(*results):
         torch.testing.assert_close(ours_tangent, theirs_tangent, rtol=1e-10, atol=1e-10)
     eps = 1e-6
-    plus, minus = ours(x + eps * x_tangent, hx + eps * hx_tangent), ours(x - eps * x_tangent, hx - eps * hx_tangent)
+    plus, minus = (
+        ours(x + eps * x_tangent, hx + eps * hx_tangent),
+        ours(x - eps * x_tangent, hx - eps * hx_tangent),
+    )
     for tangent, high, low in zip(results[0], plus, minus):
         torch.testing.assert_close(tangent, (high - low) / (2 * eps), rtol=1e-6, atol=1e-6)
 
@@ -153,13 +161,20 @@ def test_vectorized_jacobian_matches_nn_rnn_and_runs_the_fused_forward(device, c
     ours, theirs = make_pair(config, device)
     x = make_input(config, device, batch=2, steps=3)
     hx = make_hx(config, device)
-    jacobians = [torch.autograd.functional.jacobian(lambda inp, h: module(inp, h), (x, hx), vectorize=True)
-                 for module in (ours, theirs)]
-    for ours_part, theirs_part in zip(torch.utils._pytree.tree_leaves(jacobians[0]),
-                                      torch.utils._pytree.tree_leaves(jacobians[1])):
+    jacobians = [
+        torch.autograd.functional.jacobian(lambda inp, h: module(inp, h), (x, hx), vectorize=True)  # noqa: B023
+        for module in (ours, theirs)
+    ]
+    for ours_part, theirs_part in zip(
+        torch.utils._pytree.tree_leaves(jacobians[0]), torch.utils._pytree.tree_leaves(jacobians[1])
+    ):
         torch.testing.assert_close(ours_part, theirs_part, rtol=1e-10, atol=1e-10)
-    assert fused_op_calls(lambda: torch.autograd.functional.jacobian(
-        lambda inp: ours(inp, hx)[0], x, vectorize=True)) == config[0]
+    assert (
+        fused_op_calls(
+            lambda: torch.autograd.functional.jacobian(lambda inp: ours(inp, hx)[0], x, vectorize=True)
+        )
+        == config[0]
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -172,11 +187,12 @@ def test_gradcheck_with_batched_grad_and_forward_ad(device, config):
         weights = [p.detach().clone().requires_grad_(True) for p in module.parameters()]
 
         def fn(inp, h, *ws):
-            return functional_call(module, dict(zip(names, ws)), (inp, h))
+            return functional_call(module, dict(zip(names, ws)), (inp, h))  # noqa: B023
 
         args = (x, hx, *weights)
-        assert torch.autograd.gradcheck(fn, args, check_batched_grad=True, check_forward_ad=True,
-                                        check_backward_ad=True)
+        assert torch.autograd.gradcheck(
+            fn, args, check_batched_grad=True, check_forward_ad=True, check_backward_ad=True
+        )
         assert torch.autograd.gradgradcheck(fn, args, check_batched_grad=True)
 
 
@@ -195,14 +211,16 @@ def test_per_sample_grads_by_vmap_match_a_loop(device, config):
             output, h_n = functional_call(module, params, (sample,))
             output = output.squeeze(0 if batch_first else 1)
             return ((output - target) ** 2).mean() + h_n.pow(2).mean()
+
         return loss
 
     per_sample = vmap(grad(sample_loss(ours)), in_dims=(None, 0, 0))(params_of(ours), inputs, targets)
     for index in range(samples):
         # nn.RNN cannot run under vmap(grad); its gradients one sample at a time are the truth.
         params = dict(theirs.named_parameters())
-        expected = torch.autograd.grad(sample_loss(theirs)(params, inputs[index], targets[index]),
-                                       list(params.values()))
+        expected = torch.autograd.grad(
+            sample_loss(theirs)(params, inputs[index], targets[index]), list(params.values())
+        )
         for name, value in zip(params, expected):
             torch.testing.assert_close(per_sample[name][index], value, rtol=1e-10, atol=1e-10)
 
@@ -230,8 +248,9 @@ def op_args(device, batch=3, steps=4, packed=False, seed=0):
     """Arguments of one bidirectional elman_forward call with bias, on device; packed ones have the
     same batch sizes whatever the seed (lengths steps, steps - 1, ..., 1)."""
     lengths = tuple(steps - i for i in range(batch - 1)) + (1,) if packed else None
-    return layer_on(random_layer(seed, steps=steps, batch=batch, directions=2, packed_lengths=lengths),
-                    device)
+    return layer_on(
+        random_layer(seed, steps=steps, batch=batch, directions=2, packed_lengths=lengths), device
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -253,17 +272,25 @@ def test_elman_forward_batching_rule_matches_a_loop(device, packed, batched):
         return op(inp, h, ws, batch_sizes, False)
 
     output, h_n = vmap(call, in_dims=(in_input, in_hx, in_weights))(
-        inputs if in_input is not None else base_input, hxs if in_hx is not None else base_hx,
-        weights if in_weights is not None else base_weights)
+        inputs if in_input is not None else base_input,
+        hxs if in_hx is not None else base_hx,
+        weights if in_weights is not None else base_weights,
+    )
     for index in range(samples):
-        expected = op(inputs[:, index] if in_input is not None else base_input,
-                      hxs[:, :, index] if in_hx is not None else base_hx,
-                      [w[index] for w in weights] if in_weights is not None else base_weights,
-                      batch_sizes, False)
-        reference = composite_layer(inputs[:, index] if in_input is not None else base_input,
-                                    hxs[:, :, index] if in_hx is not None else base_hx,
-                                    [w[index] for w in weights] if in_weights is not None else base_weights,
-                                    batch_sizes, False)
+        expected = op(
+            inputs[:, index] if in_input is not None else base_input,
+            hxs[:, :, index] if in_hx is not None else base_hx,
+            [w[index] for w in weights] if in_weights is not None else base_weights,
+            batch_sizes,
+            False,
+        )
+        reference = composite_layer(
+            inputs[:, index] if in_input is not None else base_input,
+            hxs[:, :, index] if in_hx is not None else base_hx,
+            [w[index] for w in weights] if in_weights is not None else base_weights,
+            batch_sizes,
+            False,
+        )
         for got, want, truth in zip((output[index], h_n[index]), expected, reference):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(got, truth, rtol=1e-10, atol=1e-10)
@@ -312,8 +339,10 @@ def test_elman_backward_batching_rule_matches_a_loop(device, packed, mask):
 @pytest.mark.parametrize("relu", [False, True])
 def test_composite_layer_matches_the_fused_op(packed, relu):
     input, hx, weights, batch_sizes = op_args("cpu", packed=packed, batch=4, steps=5)
-    for got, want in zip(composite_layer(input, hx, weights, batch_sizes, relu),
-                         torch.ops.rnn_ext.elman_forward(input, hx, weights, batch_sizes, relu)):
+    for got, want in zip(
+        composite_layer(input, hx, weights, batch_sizes, relu),
+        torch.ops.rnn_ext.elman_forward(input, hx, weights, batch_sizes, relu),
+    ):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -324,8 +353,14 @@ def test_plain_call_runs_the_fused_op_and_transforms_do_not():
     assert fused_op_calls(lambda: ours(x)) == 2
     assert fused_op_calls(lambda: ours(x)[0].sum().backward()) == 2
     assert fused_op_calls(lambda: grad(lambda p: loss_of(ours, p, x))(params_of(ours))) == 0
-    assert fused_op_calls(lambda: vmap(grad(lambda p, sample: loss_of(ours, p, sample)),
-                                       in_dims=(None, 0))(params_of(ours), x.unsqueeze(0))) == 0
+    assert (
+        fused_op_calls(
+            lambda: vmap(grad(lambda p, sample: loss_of(ours, p, sample)), in_dims=(None, 0))(
+                params_of(ours), x.unsqueeze(0)
+            )
+        )
+        == 0
+    )
     with forward_ad.dual_level():
         assert fused_op_calls(lambda: ours(forward_ad.make_dual(x, torch.ones_like(x)))) == 0
         assert fused_op_calls(lambda: ours(x)) == 2  # a dual level alone changes nothing
@@ -343,10 +378,13 @@ def test_packed_sequence_under_grad_matches_nn_rnn():
             sequence = pack_padded_sequence(padded, lengths, enforce_sorted=False)
             output, h_n = functional_call(module, params, (sequence, hx))
             return output.data.sin().sum() + h_n.pow(2).sum()
+
         return fn
 
     ours_grads = grad(loss(ours))(params_of(ours))
-    theirs_grads = torch.autograd.grad(loss(theirs)(dict(theirs.named_parameters())), list(theirs.parameters()))
+    theirs_grads = torch.autograd.grad(
+        loss(theirs)(dict(theirs.named_parameters())), list(theirs.parameters())
+    )
     for name, expected in zip(ours_grads, theirs_grads):
         torch.testing.assert_close(ours_grads[name], expected, rtol=1e-10, atol=1e-10)
 

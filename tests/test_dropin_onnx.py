@@ -1,5 +1,6 @@
 """ONNX export of rnn_ext.RNN with both torch exporters, run in onnxruntime on shapes other than the
 exported ones, against nn.RNN (float32, 1e-5)."""
+
 import io
 import itertools
 
@@ -13,8 +14,9 @@ import rnn_ext
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 
-LEGACY_GRID = list(itertools.product(["tanh", "relu"], [1, 2, 3], [False, True], [False, True],
-                                     [False, True]))
+LEGACY_GRID = list(
+    itertools.product(["tanh", "relu"], [1, 2, 3], [False, True], [False, True], [False, True])
+)
 # The dynamo exporter is slow: a covering subset (every value of every axis, each pair of
 # layers x bidirectional).
 DYNAMO_GRID = [
@@ -47,10 +49,22 @@ class WithoutHx(nn.Module):
 
 def make_case(nonlinearity, layers, bidirectional, batch_first, with_hx, seed=0):
     torch.manual_seed(seed)
-    ours = rnn_ext.RNN(3, 5, num_layers=layers, nonlinearity=nonlinearity, bidirectional=bidirectional,
-                       batch_first=batch_first).eval()
-    theirs = nn.RNN(3, 5, num_layers=layers, nonlinearity=nonlinearity, bidirectional=bidirectional,
-                    batch_first=batch_first).eval()
+    ours = rnn_ext.RNN(
+        3,
+        5,
+        num_layers=layers,
+        nonlinearity=nonlinearity,
+        bidirectional=bidirectional,
+        batch_first=batch_first,
+    ).eval()
+    theirs = nn.RNN(
+        3,
+        5,
+        num_layers=layers,
+        nonlinearity=nonlinearity,
+        bidirectional=bidirectional,
+        batch_first=batch_first,
+    ).eval()
     theirs.load_state_dict(ours.state_dict())
     wrap = WithHx if with_hx else WithoutHx
     return wrap(ours), wrap(theirs)
@@ -92,14 +106,24 @@ def test_legacy_exporter_writes_onnx_rnn_nodes_that_match_nn_rnn(case):
     ours, theirs = make_case(*case)
     example = sample_inputs(layers, bidirectional, batch_first, with_hx, 2, 5, 0)
     batch_axis, steps_axis = (0, 1) if batch_first else (1, 0)
-    names = ["x", "hx"][:len(example)]
-    dynamic_axes = {"x": {batch_axis: "batch", steps_axis: "steps"}, "output": {batch_axis: "batch",
-                    steps_axis: "steps"}, "h_n": {1: "batch"}}
+    names = ["x", "hx"][: len(example)]
+    dynamic_axes = {
+        "x": {batch_axis: "batch", steps_axis: "steps"},
+        "output": {batch_axis: "batch", steps_axis: "steps"},
+        "h_n": {1: "batch"},
+    }
     if with_hx:
         dynamic_axes["hx"] = {1: "batch"}
     buffer = io.BytesIO()
-    torch.onnx.export(ours, example, buffer, dynamo=False, input_names=names,
-                      output_names=["output", "h_n"], dynamic_axes=dynamic_axes)
+    torch.onnx.export(
+        ours,
+        example,
+        buffer,
+        dynamo=False,
+        input_names=names,
+        output_names=["output", "h_n"],
+        dynamic_axes=dynamic_axes,
+    )
     model_bytes = buffer.getvalue()
     nodes = rnn_nodes(model_bytes)
     assert len(nodes) == layers
@@ -131,9 +155,15 @@ def test_nn_rnn_exports_the_same_way_with_the_legacy_exporter():
     _, theirs = make_case("tanh", 2, True, True, True)
     example = sample_inputs(2, True, True, True, 2, 5, 0)
     buffer = io.BytesIO()
-    torch.onnx.export(theirs, example, buffer, dynamo=False, input_names=["x", "hx"],
-                      output_names=["output", "h_n"],
-                      dynamic_axes={"x": {0: "batch", 1: "steps"}, "hx": {1: "batch"}})
+    torch.onnx.export(
+        theirs,
+        example,
+        buffer,
+        dynamo=False,
+        input_names=["x", "hx"],
+        output_names=["output", "h_n"],
+        dynamic_axes={"x": {0: "batch", 1: "steps"}, "hx": {1: "batch"}},
+    )
     assert len(rnn_nodes(buffer.getvalue())) == 2
     check_against_nn_rnn(buffer.getvalue(), ["x", "hx"], theirs, 2, True, True, True)
 

@@ -1,6 +1,7 @@
 """rnn_ext.RNN under TorchScript: torch.jit.script (tensor and PackedSequence input, hx or not),
 save/load (also in a fresh process), and torch.jit.trace with its default checks; values against
 eager rnn_ext and nn.RNN."""
+
 import io
 import os
 import subprocess
@@ -14,7 +15,6 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnn_ext
-
 from helpers import DEVICES, ours_and_reference
 
 # CUDA cases are listed (and skipped) everywhere, so that a run without a GPU says so.
@@ -68,16 +68,27 @@ def assert_all_close(actual, expected, tol=1e-10):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kwargs", [dict(), dict(num_layers=2, bidirectional=True, batch_first=True),
-                                    dict(nonlinearity="relu", num_layers=3, bias=False)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(num_layers=2, bidirectional=True, batch_first=True),
+        dict(nonlinearity="relu", num_layers=3, bias=False),
+    ],
+)
 def test_scripted_rnn_matches_eager_and_nn_rnn(device, kwargs):
     ours, theirs = make_pair(device, **kwargs)
     scripted = torch.jit.script(Holder(ours))
     scripted_theirs = torch.jit.script(Holder(theirs))
     directions = 2 if kwargs.get("bidirectional") else 1
     x = torch.randn(2, 5, 3, dtype=torch.float64, device=device)
-    hx = torch.randn(kwargs.get("num_layers", 1) * directions, 2 if kwargs.get("batch_first") else 5, 4,
-                     dtype=torch.float64, device=device)
+    hx = torch.randn(
+        kwargs.get("num_layers", 1) * directions,
+        2 if kwargs.get("batch_first") else 5,
+        4,
+        dtype=torch.float64,
+        device=device,
+    )
     for args in [(x,), (x, hx), (x[0],), (x[0], hx[:, 0])]:
         expected = theirs(*args)
         assert_all_close(scripted(*args), expected)

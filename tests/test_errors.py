@@ -3,6 +3,7 @@ silent wrong answer. A module call raises what nn.RNN raises on the same call: w
 argument checks raise, the same type with the same text; where its error is an accident of some inner
 op (a matmul's shape or dtype complaint), the same type with a message naming the offending argument.
 The ops called directly raise RuntimeError."""
+
 from __future__ import annotations
 
 import os
@@ -158,9 +159,13 @@ def test_weights_of_wrong_shape_are_rejected():
         pytest.param(lambda: (torch.ones(5, 2, 3, dtype=torch.bool),), id="bool input"),
         pytest.param(lambda: (torch.ones(5, 2, 3, dtype=torch.uint8),), id="uint8 input"),
         pytest.param(lambda: (torch.randn(5, 2, 3, dtype=torch.complex64),), id="complex input"),
-        pytest.param(lambda: (torch.randn(5, 2, 3, dtype=torch.float64),), id="float64 input, float32 weights"),
+        pytest.param(
+            lambda: (torch.randn(5, 2, 3, dtype=torch.float64),), id="float64 input, float32 weights"
+        ),
         pytest.param(lambda: (torch.randn(5, 2, 3).half(),), id="float16 input, float32 weights"),
-        pytest.param(lambda: (torch.randn(5, 2, 3), torch.randn(1, 2, 4, device="meta")), id="hx on another device"),
+        pytest.param(
+            lambda: (torch.randn(5, 2, 3), torch.randn(1, 2, 4, device="meta")), id="hx on another device"
+        ),
         pytest.param(lambda: (torch.randn(0, 2, 3),), id="no steps"),
         pytest.param(lambda: (torch.randn(0, 3),), id="no steps unbatched"),
     ],
@@ -183,7 +188,9 @@ def test_weights_on_another_device_raise_nn_rnns_error():
 def test_hx_of_another_dtype_is_rejected(hx_dtype):
     """nn.RNN fails inside its matmul (the text is the matmul's); ours names hx and both dtypes."""
     assert_clear_error(
-        *on_both(ours_and_reference(3, 4), lambda m: m(torch.randn(5, 2, 3), torch.ones(1, 2, 4, dtype=hx_dtype))),
+        *on_both(
+            ours_and_reference(3, 4), lambda m: m(torch.randn(5, 2, 3), torch.ones(1, 2, 4, dtype=hx_dtype))
+        ),
         ["hx", "dtype"],
     )
 
@@ -206,8 +213,9 @@ def test_weights_replaced_by_wrong_shapes_are_rejected(name, shape):
         setattr(module, name, nn.Parameter(torch.randn(*shape)))
         return module(torch.randn(5, 2, 3))
 
-    assert_clear_error(*on_both(ours_and_reference(3, 4, 2, bidirectional=True), run),
-                       [name.split("_l")[0], "shape"])
+    assert_clear_error(
+        *on_both(ours_and_reference(3, 4, 2, bidirectional=True), run), [name.split("_l")[0], "shape"]
+    )
 
 
 def test_bias_replaced_by_a_broadcastable_shape_is_rejected():
@@ -274,8 +282,11 @@ def test_unallocatable_sizes_raise_like_nn_rnn(shape):
     _still_works(ours, reference)
 
 
-@pytest.mark.skipif(UNDER_ASAN, reason="ASan's throwing operator new aborts the process on an impossible "
-                    "size (whatever allocator_may_return_null says) instead of throwing std::bad_alloc")
+@pytest.mark.skipif(
+    UNDER_ASAN,
+    reason="ASan's throwing operator new aborts the process on an impossible "
+    "size (whatever allocator_may_return_null says) instead of throwing std::bad_alloc",
+)
 def test_unallocatable_number_of_steps_is_a_runtime_error():
     """2**46 steps: the per-step bookkeeping cannot be allocated either; that must surface as the
     RuntimeError (out of memory) nn.RNN raises, not as a Python MemoryError from std::bad_alloc."""
@@ -312,7 +323,8 @@ def test_output_numel_overflow_raises_like_nn_rnn():
     """The input fits int64 ([2, 2**61, 1]) but the output ([2, 2**61, 4]) does not."""
     ours, reference = ours_and_reference(1, 4, dtype=torch.float64)
     ours_error, reference_error = raised_by_both(
-        *on_both((ours, reference), lambda m: m(_expanded_input(2, 2**61, 1))))
+        *on_both((ours, reference), lambda m: m(_expanded_input(2, 2**61, 1)))
+    )
     assert type(ours_error) is type(reference_error) is RuntimeError
 
 
@@ -372,7 +384,9 @@ def _bad_forward_calls():
         "bias shape": lambda: forward_op(x, hx, [*w[:3], w[3][:2]], None, False),
         "weight dtype": lambda: forward_op(x, hx, [w[0].float(), *w[1:]], None, False),
         "weight int": lambda: forward_op(x, hx, [w[0], w[1].long(), *w[2:]], None, False),
-        "all float16 hx float32": lambda: forward_op(x.half(), hx.float(), [t.half() for t in w], None, False),
+        "all float16 hx float32": lambda: forward_op(
+            x.half(), hx.float(), [t.half() for t in w], None, False
+        ),
         "packed 3-D input": lambda: forward_op(x, hx, w, sizes, False),
         "batch_sizes int32": lambda: forward_op(packed, hx, w, sizes.int(), False),
         "batch_sizes float": lambda: forward_op(packed, hx, w, sizes.double(), False),
@@ -385,7 +399,8 @@ def _bad_forward_calls():
         "batch_sizes sum long": lambda: forward_op(packed, hx, w, torch.tensor([2, 2, 2, 1]), False),
         "batch_sizes above hx batch": lambda: forward_op(packed, hx, w, torch.tensor([3, 3]), False),
         "batch_sizes non-contiguous increasing": lambda: forward_op(
-            packed, hx, w, torch.tensor([2, 9, 2, 9, 3, 9])[::2], False),
+            packed, hx, w, torch.tensor([2, 9, 2, 9, 3, 9])[::2], False
+        ),
         "weights not a list": lambda: forward_op(x, hx, w[0], None, False),
         "relu not a bool": lambda: forward_op(x, hx, w, None, "yes"),
         "hx None": lambda: forward_op(x, None, w, None, False),
@@ -410,14 +425,24 @@ def _bad_backward_calls():
         "grad_h_n dtype": lambda: backward_op(go, gh.float(), x, hx, w, output, None, False, mask),
         "output shape": lambda: backward_op(go, gh, x, hx, w, output[:, :, :2], None, False, mask),
         "output of another shape with matching grad": lambda: backward_op(
-            go[:2], gh, x, hx, w, output[:2], None, False, mask),
+            go[:2], gh, x, hx, w, output[:2], None, False, mask
+        ),
         "output dtype": lambda: backward_op(go, gh, x, hx, w, output.float(), None, False, mask),
         "input dtype": lambda: backward_op(go, gh, x.float(), hx, w, output, None, False, mask),
         "weights count": lambda: backward_op(go, gh, x, hx, w[:2] + w[:1], output, None, False, mask),
         "weight shape": lambda: backward_op(go, gh, x, hx, [w[1], w[1], *w[2:]], output, None, False, mask),
         "mask length": lambda: backward_op(go, gh, x, hx, w, output, None, False, [True, True]),
-        "batch_sizes mismatch": lambda: backward_op(go.reshape(6, 4), gh, x.reshape(6, 3), hx, w,
-                                                    output.reshape(6, 4), torch.tensor([2, 2, 1]), False, mask),
+        "batch_sizes mismatch": lambda: backward_op(
+            go.reshape(6, 4),
+            gh,
+            x.reshape(6, 3),
+            hx,
+            w,
+            output.reshape(6, 4),
+            torch.tensor([2, 2, 1]),
+            False,
+            mask,
+        ),
     }
 
 
@@ -446,11 +471,14 @@ def _device_mismatches(device):
         "forward hx": lambda: forward_op(x, hx.to(other), w, None, False),
         "forward weight": lambda: forward_op(x, hx, [w[0], w[1].to(other), *w[2:]], None, False),
         # batch_sizes must be on the CPU whatever the input's device.
-        "forward batch_sizes": lambda: forward_op(packed, hx, w, torch.tensor([2, 2, 2], device=non_cpu), False),
+        "forward batch_sizes": lambda: forward_op(
+            packed, hx, w, torch.tensor([2, 2, 2], device=non_cpu), False
+        ),
         "backward grad_output": lambda: backward_op(go.to(other), gh, x, hx, w, output, None, False, mask),
         "backward output": lambda: backward_op(go, gh, x, hx, w, output.to(other), None, False, mask),
-        "backward weight": lambda: backward_op(go, gh, x, hx, [w[0], w[1].to(other), *w[2:]], output, None,
-                                               False, mask),
+        "backward weight": lambda: backward_op(
+            go, gh, x, hx, [w[0], w[1].to(other), *w[2:]], output, None, False, mask
+        ),
     }
 
 
@@ -487,8 +515,16 @@ def test_ops_reject_bad_arguments_with_runtime_error():
 def test_packed_input_refused_under_graph_capture():
     """Packed batch sizes reach the device through a pinned staging buffer that a replay could not
     trust; capture says so instead of recording it."""
-    layer = random_layer(stable_seed("graph-packed"), steps=4, batch=3, input_size=2, hidden=8, directions=1,
-                         bias=False, packed=True)
+    layer = random_layer(
+        stable_seed("graph-packed"),
+        steps=4,
+        batch=3,
+        input_size=2,
+        hidden=8,
+        directions=1,
+        bias=False,
+        packed=True,
+    )
     input, hx, weights, batch_sizes = layer
     input, hx, weights = input.float().cuda(), hx.float().cuda(), [w.float().cuda() for w in weights]
     with torch.no_grad():

@@ -5,6 +5,7 @@ Profiles (hypothesis settings): "fast" (default, derandomized so CI reruns the s
 `make test`; RNN_EXT_FUZZ_PROFILE=long (`make fuzz`) draws thousands of fresh cases. Add
 `--hypothesis-show-statistics` to see how many cases ran per input form and what they covered.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -110,10 +111,25 @@ def cases(draw, form):
 def _base_case(**changes):
     """A small default case; explicit examples change what they pin."""
     fields = dict(
-        input_size=3, hidden_size=5, steps=4, batch=3, num_layers=1, bidirectional=False,
-        batch_first=False, bias=True, nonlinearity="tanh", form="padded", lengths=(),
-        input_layout="contiguous", with_hx=True, hx_layout="contiguous", grad_input=True,
-        grad_hx=True, grad_params=True, weight_scale=1.0, seed=1234,
+        input_size=3,
+        hidden_size=5,
+        steps=4,
+        batch=3,
+        num_layers=1,
+        bidirectional=False,
+        batch_first=False,
+        bias=True,
+        nonlinearity="tanh",
+        form="padded",
+        lengths=(),
+        input_layout="contiguous",
+        with_hx=True,
+        hx_layout="contiguous",
+        grad_input=True,
+        grad_hx=True,
+        grad_params=True,
+        weight_scale=1.0,
+        seed=1234,
     )
     fields.update(changes)
     return Case(**fields)
@@ -132,8 +148,16 @@ EXPLICIT_CASES = [
     _base_case(form="packed_unsorted", batch=4, lengths=(2, 4, 1, 3), bidirectional=True, num_layers=2),
     _base_case(form="packed_unsorted", batch=3, lengths=(1, 1, 1), steps=1, batch_first=True),
     _base_case(form="packed_sorted", batch=3, lengths=(4, 4, 2), nonlinearity="relu"),
-    _base_case(form="packed_unsorted", batch=5, lengths=(3, 1, 3, 2, 1), steps=4, with_hx=True,
-               hx_layout="permuted", input_layout="strided", bidirectional=True),
+    _base_case(
+        form="packed_unsorted",
+        batch=5,
+        lengths=(3, 1, 3, 2, 1),
+        steps=4,
+        with_hx=True,
+        hx_layout="permuted",
+        input_layout="strided",
+        bidirectional=True,
+    ),
     _base_case(input_layout="permuted", hx_layout="strided", batch_first=True),
     _base_case(input_layout="strided", hx_layout="permuted", bidirectional=True),
     _base_case(input_layout="expanded", hx_layout="expanded", num_layers=2, bidirectional=True),
@@ -187,15 +211,23 @@ def _ours_and_reference(case: Case, device):
     """(rnn_ext.RNN, nn.RNN, the case's generator): the case's module in float64 on `device`, both
     with weights uniform in +-weight_scale / sqrt(hidden_size) drawn from the case's generator."""
     ours, reference = ours_and_reference(
-        case.input_size, case.hidden_size, case.num_layers, case.nonlinearity, bias=case.bias,
-        batch_first=case.batch_first, bidirectional=case.bidirectional, dtype=torch.float64,
+        case.input_size,
+        case.hidden_size,
+        case.num_layers,
+        case.nonlinearity,
+        bias=case.bias,
+        batch_first=case.batch_first,
+        bidirectional=case.bidirectional,
+        dtype=torch.float64,
         device=device,
     )
     generator = torch.Generator().manual_seed(case.seed)
     bound = case.weight_scale / math.sqrt(case.hidden_size)
     with torch.no_grad():
         for parameter in reference.parameters():
-            parameter.copy_(torch.rand(parameter.shape, generator=generator, dtype=torch.float64) * 2 * bound - bound)
+            parameter.copy_(
+                torch.rand(parameter.shape, generator=generator, dtype=torch.float64) * 2 * bound - bound
+            )
     ours.load_state_dict(reference.state_dict())
     for module in (ours, reference):
         module.requires_grad_(case.grad_params)
@@ -209,7 +241,11 @@ def _inputs(case: Case, generator: torch.Generator, device):
         x = _random(generator, (case.steps, case.input_size), device)
         hx = _random(generator, (case.num_layers * directions, case.hidden_size), device)
     else:
-        shape = (case.batch, case.steps, case.input_size) if case.batch_first else (case.steps, case.batch, case.input_size)
+        shape = (
+            (case.batch, case.steps, case.input_size)
+            if case.batch_first
+            else (case.steps, case.batch, case.input_size)
+        )
         x = _random(generator, shape, device)
         hx = _random(generator, (case.num_layers * directions, case.batch, case.hidden_size), device)
     return x, (hx if case.with_hx else None)
@@ -228,13 +264,21 @@ def _run(module, case: Case, x_logical, hx_logical, cotangent_seed: int):
         hx_leaf.requires_grad_(case.grad_hx)
         hx = _view(hx_leaf, hx_logical.shape, case.hx_layout)
     if case.form.startswith("packed"):
-        x = pack_padded_sequence(x, torch.tensor(case.lengths), batch_first=case.batch_first,
-                                 enforce_sorted=case.form == "packed_sorted")
+        x = pack_padded_sequence(
+            x,
+            torch.tensor(case.lengths),
+            batch_first=case.batch_first,
+            enforce_sorted=case.form == "packed_sorted",
+        )
     output, h_n = module(x, hx)
     result = {"h_n": h_n}
     if isinstance(output, PackedSequence):
-        result.update(output=output.data, batch_sizes=output.batch_sizes,
-                      sorted_indices=output.sorted_indices, unsorted_indices=output.unsorted_indices)
+        result.update(
+            output=output.data,
+            batch_sizes=output.batch_sizes,
+            sorted_indices=output.sorted_indices,
+            unsorted_indices=output.unsorted_indices,
+        )
         output = output.data
     else:
         result["output"] = output
@@ -267,15 +311,25 @@ def _assert_same(actual: dict, expected: dict, case: Case):
             continue
         assert got is not None, (name, case)
         assert got.shape == want.shape and got.dtype == want.dtype and got.device == want.device, (
-            name, got.shape, want.shape, case)
+            name,
+            got.shape,
+            want.shape,
+            case,
+        )
         if name in ("output", "h_n"):
             # Same memory layout as nn.RNN, so .view() on it works (or fails) the same way.
             strides = [s for s, n in zip(got.stride(), got.shape) if n > 1]
             want_strides = [s for s, n in zip(want.stride(), want.shape) if n > 1]
             assert strides == want_strides, (name, got.stride(), want.stride(), case)
         scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
-        torch.testing.assert_close(got, want, rtol=TOLERANCE, atol=TOLERANCE * scale, equal_nan=False,
-                                   msg=lambda m: f"{name}: {m}\n{case}")
+        torch.testing.assert_close(
+            got,
+            want,
+            rtol=TOLERANCE,
+            atol=TOLERANCE * scale,
+            equal_nan=False,
+            msg=lambda m: f"{name}: {m}\n{case}",  # noqa: B023 (used before the next iteration)
+        )
 
 
 def check_case(case: Case, device: str):
@@ -300,7 +354,9 @@ def test_matches_nn_rnn(form, data, device):
     check_case(case, device)
 
 
-@pytest.mark.parametrize("case", EXPLICIT_CASES, ids=lambda c: f"{c.form}-T{c.steps}-B{c.batch}-{c.input_layout}")
+@pytest.mark.parametrize(
+    "case", EXPLICIT_CASES, ids=lambda c: f"{c.form}-T{c.steps}-B{c.batch}-{c.input_layout}"
+)
 def test_explicit_case(case, device):
     check_case(case, device)
 

@@ -2,6 +2,7 @@
 weights), gradients for only some inputs, several threads on one module. Every case ends in nn.RNN's
 own answer (or, for the ops called directly, the answer of the full call), never a crash, a hang or a
 silent wrong answer. Hostile input that must be refused is in test_errors.py."""
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,9 @@ def _poisoned(shape, where, value, seed):
 
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
-@pytest.mark.parametrize("place", ["input", "hx", "weight_ih_l0", "weight_hh_l0", "bias_hh_l0", "weight_hh_l0_reverse"])
+@pytest.mark.parametrize(
+    "place", ["input", "hx", "weight_ih_l0", "weight_hh_l0", "bias_hh_l0", "weight_hh_l0_reverse"]
+)
 def test_nan_and_inf_propagate_like_nn_rnn(nonlinearity, value, place, request):
     ours, reference = ours_and_reference(3, 5, 2, nonlinearity, bidirectional=True, dtype=torch.float64)
     if place.startswith(("weight", "bias")):
@@ -117,8 +120,12 @@ def test_gradients_for_only_some_inputs(input_grad, hx_grad, frozen):
     ours, reference = ours_and_reference(3, 5, 2, bidirectional=True, dtype=torch.float64)
     for module in (reference, ours):
         for name, parameter in module.named_parameters():
-            if frozen == "all" or name == frozen or (frozen == "layer 0" and "_l0" in name) or (
-                    frozen == "all but bias_hh_l1_reverse" and name != "bias_hh_l1_reverse"):
+            if (
+                frozen == "all"
+                or name == frozen
+                or (frozen == "layer 0" and "_l0" in name)
+                or (frozen == "all but bias_hh_l1_reverse" and name != "bias_hh_l1_reverse")
+            ):
                 parameter.requires_grad_(False)
 
     def inputs():
@@ -146,7 +153,9 @@ def test_nothing_requires_grad():
 
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_zero_stride_input_and_hx(batch_first):
-    ours, reference = ours_and_reference(3, 5, 2, bidirectional=True, batch_first=batch_first, dtype=torch.float64)
+    ours, reference = ours_and_reference(
+        3, 5, 2, bidirectional=True, batch_first=batch_first, dtype=torch.float64
+    )
 
     def inputs():
         generator = torch.Generator().manual_seed(11)
@@ -163,8 +172,9 @@ def test_input_and_hx_overlap_in_memory():
     ours, reference = ours_and_reference(4, 4, 2, dtype=torch.float64)
 
     def inputs():
-        base = torch.randn(64, generator=torch.Generator().manual_seed(12), dtype=torch.float64,
-                           requires_grad=True)
+        base = torch.randn(
+            64, generator=torch.Generator().manual_seed(12), dtype=torch.float64, requires_grad=True
+        )
         x = base.as_strided((6, 2, 4), (1, 4, 1))  # step t starts one element after step t-1
         hx = base.as_strided((2, 2, 4), (2, 3, 1), storage_offset=3)
         return x, hx, [base]
@@ -195,7 +205,9 @@ def test_concurrent_calls_match_serial_results(packed):
 
     def job(index):
         generator = torch.Generator().manual_seed(100 + index)
-        x = torch.randn(5 + index, 3 + index, 40, generator=generator, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(
+            5 + index, 3 + index, 40, generator=generator, dtype=torch.float64, requires_grad=True
+        )
         lengths = torch.randint(1, 4 + index, (5 + index,), generator=generator)
         inp = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False) if packed else x
         output, h_n = module(inp)
@@ -230,7 +242,9 @@ def test_concurrent_calls_match_serial_results(packed):
 # The backward op asked for only some gradients.
 
 
-@pytest.mark.parametrize("mask", [[False, False, False], [True, False, False], [False, True, False], [False, False, True]])
+@pytest.mark.parametrize(
+    "mask", [[False, False, False], [True, False, False], [False, True, False], [False, False, True]]
+)
 def test_backward_op_output_mask_combinations(mask):
     """Each mask gives exactly the requested gradients, equal to the full call's."""
     x, hx, w, _ = random_layer(31, steps=3, batch=2, input_size=3, hidden=4)

@@ -1,5 +1,6 @@
 """rnn_ext.RNN keeps torch.nn.RNN's module contract: constructor, parameters, init, state_dict,
 repr, copying and saving, dropout, convert(), and it runs our ops. (Its errors: test_errors.py.)"""
+
 import copy
 import io
 import pickle
@@ -31,9 +32,20 @@ def test_parameters_names_shapes_and_init_are_nn_rnns(args, kwargs):
     for (name, a), (_, b) in zip(ours_params, reference_params):
         assert a.shape == b.shape, name
         assert torch.equal(a, b), f"{name}: init differs under the same seed"
-    for attribute in ("mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first",
-                      "dropout", "bidirectional", "proj_size", "nonlinearity", "_flat_weights_names",
-                      "_all_weights"):
+    for attribute in (
+        "mode",
+        "input_size",
+        "hidden_size",
+        "num_layers",
+        "bias",
+        "batch_first",
+        "dropout",
+        "bidirectional",
+        "proj_size",
+        "nonlinearity",
+        "_flat_weights_names",
+        "_all_weights",
+    ):
         assert getattr(ours, attribute) == getattr(reference, attribute), attribute
     assert [[p.shape for p in layer] for layer in ours.all_weights] == [
         [p.shape for p in layer] for layer in reference.all_weights
@@ -44,8 +56,14 @@ def test_parameters_names_shapes_and_init_are_nn_rnns(args, kwargs):
 
 def test_defaults():
     module = rnn_ext.RNN(3, 4)
-    assert (module.num_layers, module.nonlinearity, module.bias, module.batch_first, module.dropout,
-            module.bidirectional) == (1, "tanh", True, False, 0.0, False)
+    assert (
+        module.num_layers,
+        module.nonlinearity,
+        module.bias,
+        module.batch_first,
+        module.dropout,
+        module.bidirectional,
+    ) == (1, "tanh", True, False, 0.0, False)
 
 
 def test_factory_kwargs():

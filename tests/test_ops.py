@@ -1,5 +1,6 @@
 """The operator layer: torch.library.opcheck on both ops (schemas, fake kernels, autograd
 registration) and torch.autograd.gradcheck of the layer op in float64."""
+
 import pytest
 import torch
 
@@ -41,7 +42,9 @@ def test_opcheck_backward(device, case, mask):
     grad_output = torch.randn_like(output)
     grad_h_n = torch.randn_like(h_n)
     with skip_if_expecttest_missing():
-        torch.library.opcheck(backward_op, (grad_output, grad_h_n, x, hx, weights, output, batch_sizes, False, mask))
+        torch.library.opcheck(
+            backward_op, (grad_output, grad_h_n, x, hx, weights, output, batch_sizes, False, mask)
+        )
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "default")
@@ -63,7 +66,9 @@ def test_module_gradcheck():
     params = list(module.parameters())
 
     def run(x, hx, *flat):
-        out, h = torch.func.functional_call(module, dict(zip([n for n, _ in module.named_parameters()], flat)), (x, hx))
+        out, h = torch.func.functional_call(
+            module, dict(zip([n for n, _ in module.named_parameters()], flat)), (x, hx)
+        )
         return out, h
 
     assert torch.autograd.gradcheck(run, (x, hx, *params))

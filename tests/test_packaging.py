@@ -1,5 +1,6 @@
 """Packaging: the built-for-this-torch check, the build record, `python -m rnn_ext`, and what the sdist
 and wheel metadata carry. The full sdist -> wheel -> install run is `make dist-check`."""
+
 import os
 import re
 import shutil
@@ -17,15 +18,19 @@ RELEASE = torch.__version__.split("+")[0]
 MAJOR, MINOR = (int(part) for part in torch.__version__.split(".")[:2])
 
 
-@pytest.mark.parametrize("built, built_cuda", [
-    (f"{MAJOR}.{MINOR + 1}.0", None),
-    (f"{MAJOR}.{MINOR - 1}.2+cpu", None),
-    (f"{MAJOR + 1}.{MINOR}.0", None),
-])
+@pytest.mark.parametrize(
+    "built, built_cuda",
+    [
+        (f"{MAJOR}.{MINOR + 1}.0", None),
+        (f"{MAJOR}.{MINOR - 1}.2+cpu", None),
+        (f"{MAJOR + 1}.{MINOR}.0", None),
+    ],
+)
 def test_other_minor_release_is_refused_naming_both_versions(built, built_cuda):
     with pytest.raises(ImportError) as raised:
-        _extension.check_torch_matches(built, built_cuda, running_version=torch.__version__,
-                                       running_cuda_version=None)
+        _extension.check_torch_matches(
+            built, built_cuda, running_version=torch.__version__, running_cuda_version=None
+        )
     message = str(raised.value)
     assert f"built against torch {built} (CPU-only build)" in message
     assert f"but torch {torch.__version__} (CPU-only build) is running" in message
@@ -33,11 +38,17 @@ def test_other_minor_release_is_refused_naming_both_versions(built, built_cuda):
 
 
 def test_cuda_build_and_cpu_build_of_one_release_are_refused_both_ways():
-    with pytest.raises(ImportError, match=r"built against torch 2\.13\.0\+cu130 \(CUDA 13\.0\), but "
-                                          r"torch 2\.13\.0\+cpu \(CPU-only build\) is running"):
+    with pytest.raises(
+        ImportError,
+        match=r"built against torch 2\.13\.0\+cu130 \(CUDA 13\.0\), but "
+        r"torch 2\.13\.0\+cpu \(CPU-only build\) is running",
+    ):
         _extension.check_torch_matches("2.13.0+cu130", "13.0", False, "2.13.0+cpu", None)
-    with pytest.raises(ImportError, match=r"built against torch 2\.13\.0\+cpu \(CPU-only build\), but "
-                                          r"torch 2\.13\.0\+cu130 \(CUDA 13\.0\) is running"):
+    with pytest.raises(
+        ImportError,
+        match=r"built against torch 2\.13\.0\+cpu \(CPU-only build\), but "
+        r"torch 2\.13\.0\+cu130 \(CUDA 13\.0\) is running",
+    ):
         _extension.check_torch_matches("2.13.0+cpu", None, False, "2.13.0+cu130", "13.0")
 
 
@@ -50,8 +61,9 @@ def test_cuda_major_version_matters_only_with_cuda_kernels():
 
 def test_same_minor_release_is_accepted():
     for built in (torch.__version__, f"{MAJOR}.{MINOR}.9", f"{MAJOR}.{MINOR}.0a0+git1234"):
-        _extension.check_torch_matches(built, None, running_version=torch.__version__,
-                                       running_cuda_version=None)
+        _extension.check_torch_matches(
+            built, None, running_version=torch.__version__, running_cuda_version=None
+        )
 
 
 def test_build_record_exists_beside_the_extension_and_matches_this_torch():
@@ -95,8 +107,9 @@ def import_error_of(folder):
         "    sys.exit(0)\n"
         "sys.exit('import rnn_ext succeeded')\n"
     )
-    done = subprocess.run([sys.executable, "-c", probe], cwd=folder, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=folder, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout.strip()
 
@@ -122,8 +135,9 @@ def test_a_library_that_fails_to_load_gets_the_rebuild_hint(tmp_path):
 
 
 def test_python_m_rnn_ext_prints_the_build_report():
-    done = subprocess.run([sys.executable, "-m", "rnn_ext"], capture_output=True, text=True, timeout=120,
-                          cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "rnn_ext"], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert done.returncode == 0, done.stderr
     lines = dict(line.split(":", 1) for line in done.stdout.splitlines())
     fields = {field: value.strip() for field, value in lines.items()}
@@ -141,8 +155,9 @@ def _kernel_in_subprocess(**env_changes):
     env = {k: v for k, v in os.environ.items() if k != "RNN_EXT_NO_AVX512"}
     env.update(env_changes)
     code = "import rnn_ext; print(rnn_ext._C.cpu_kernel())"
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def test_cpu_kernel_follows_the_cpu_flags():
@@ -170,15 +185,28 @@ def egg_info(tmp_path_factory):
         # e.g. make check-asan's copy of the tree, which takes only what the build and tests need
         pytest.skip("not a full source checkout")
     base = tmp_path_factory.mktemp("egg-info")
-    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(base)], cwd=ROOT,
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(base)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return base / "rnn_ext.egg-info"
 
 
 def test_sdist_takes_every_file_under_csrc(egg_info):
     listed = set((egg_info / "SOURCES.txt").read_text().split())
-    wanted = {"LICENSE", "README.md", "pyproject.toml", "setup.py", "MANIFEST.in", "rnn_ext/__init__.py",
-              "rnn_ext/_extension.py", "rnn_ext/__main__.py"}
+    wanted = {
+        "LICENSE",
+        "README.md",
+        "pyproject.toml",
+        "setup.py",
+        "MANIFEST.in",
+        "rnn_ext/__init__.py",
+        "rnn_ext/_extension.py",
+        "rnn_ext/__main__.py",
+    }
     for directory, _, files in os.walk(os.path.join(ROOT, "csrc")):
         wanted.update(os.path.relpath(os.path.join(directory, name), ROOT) for name in files)
     assert any(name.endswith(".cu") for name in wanted) and any(name.endswith(".h") for name in wanted)

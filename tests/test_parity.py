@@ -1,5 +1,6 @@
 """Numerical parity of rnn_ext.RNN with torch.nn.RNN: outputs, h_n and every gradient, over the
 configuration grid, in float64 (against nn.RNN at 1e-10) and float32 (against a float64 truth)."""
+
 import itertools
 
 import pytest
@@ -82,23 +83,47 @@ def inputs(seed, steps, batch, input_size, hidden_size, layers, directions, batc
 def test_float64_matches_nn_rnn(device, layers, bidirectional, batch_first, bias, nonlinearity, with_hx):
     seed = stable_seed(layers, bidirectional, batch_first, bias, nonlinearity, with_hx)
     I, H, T, B = 5, 7, 6, 3
-    ours, reference = ours_and_reference(I, H, layers, nonlinearity, bias=bias, batch_first=batch_first,
-                                         bidirectional=bidirectional, device=device, dtype=torch.float64,
-                                         seed=seed)
-    x, hx = inputs(seed + 1, T, B, I, H, layers, 2 if bidirectional else 1, batch_first, torch.float64, device)
+    ours, reference = ours_and_reference(
+        I,
+        H,
+        layers,
+        nonlinearity,
+        bias=bias,
+        batch_first=batch_first,
+        bidirectional=bidirectional,
+        device=device,
+        dtype=torch.float64,
+        seed=seed,
+    )
+    x, hx = inputs(
+        seed + 1, T, B, I, H, layers, 2 if bidirectional else 1, batch_first, torch.float64, device
+    )
     hx = hx if with_hx else None
     compare(run(ours, x, hx, seed), run(reference, x, hx, seed), rtol=1e-10)
 
 
 @pytest.mark.parametrize("layers,bidirectional,batch_first,bias,nonlinearity,with_hx", GRID)
-def test_float32_matches_float64_truth(device, layers, bidirectional, batch_first, bias, nonlinearity, with_hx):
+def test_float32_matches_float64_truth(
+    device, layers, bidirectional, batch_first, bias, nonlinearity, with_hx
+):
     seed = 7 + stable_seed(layers, bidirectional, batch_first, bias, nonlinearity, with_hx)
     I, H, T, B = 6, 40, 9, 4  # H spans more than one register block of the CPU kernel
-    ours, reference = ours_and_reference(I, H, layers, nonlinearity, bias=bias, batch_first=batch_first,
-                                         bidirectional=bidirectional, dtype=torch.float32, device=device,
-                                         seed=seed)
+    ours, reference = ours_and_reference(
+        I,
+        H,
+        layers,
+        nonlinearity,
+        bias=bias,
+        batch_first=batch_first,
+        bidirectional=bidirectional,
+        dtype=torch.float32,
+        device=device,
+        seed=seed,
+    )
     reference = reference.double()
-    x, hx = inputs(seed + 1, T, B, I, H, layers, 2 if bidirectional else 1, batch_first, torch.float32, device)
+    x, hx = inputs(
+        seed + 1, T, B, I, H, layers, 2 if bidirectional else 1, batch_first, torch.float32, device
+    )
     hx = hx if with_hx else None
     truth = run(reference, x.double(), None if hx is None else hx.double(), seed)
     compare(run(ours, x, hx, seed), truth, rtol=2e-5)
@@ -130,8 +155,9 @@ def test_packed_sequence(device, enforce_sorted, bidirectional, layers):
     seed = 100 + 10 * layers + 2 * bidirectional + enforce_sorted
     I, H, T = 3, 8, 7
     lengths = [7, 5, 5, 2, 1] if enforce_sorted else [2, 7, 1, 5, 4]
-    ours, reference = ours_and_reference(I, H, layers, bidirectional=bidirectional, device=device,
-                                         dtype=torch.float64, seed=seed)
+    ours, reference = ours_and_reference(
+        I, H, layers, bidirectional=bidirectional, device=device, dtype=torch.float64, seed=seed
+    )
     directions = 2 if bidirectional else 1
     x, hx = inputs(seed, T, len(lengths), I, H, layers, directions, False, torch.float64, device)
 
@@ -148,7 +174,9 @@ def test_packed_sequence(device, enforce_sorted, bidirectional, layers):
             assert torch.equal(out_packed.unsorted_indices, packed.unsorted_indices)
         generator = torch.Generator().manual_seed(seed)
         loss = (padded * torch.randn(padded.shape, generator=generator, dtype=torch.float64).to(device)).sum()
-        loss = loss + (h_n * torch.randn(h_n.shape, generator=generator, dtype=torch.float64).to(device)).sum()
+        loss = (
+            loss + (h_n * torch.randn(h_n.shape, generator=generator, dtype=torch.float64).to(device)).sum()
+        )
         loss.backward()
         return padded, h_n, xs.grad, h0.grad, [p.grad for p in module.parameters()]
 
@@ -173,8 +201,9 @@ def test_packed_matches_per_sequence_runs():
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("with_hx", [False, True])
 def test_unbatched_input(device, batch_first, with_hx):
-    ours, reference = ours_and_reference(4, 6, 2, bidirectional=True, batch_first=batch_first, device=device,
-                                         dtype=torch.float64, seed=21)
+    ours, reference = ours_and_reference(
+        4, 6, 2, bidirectional=True, batch_first=batch_first, device=device, dtype=torch.float64, seed=21
+    )
     x = torch.randn(5, 4, dtype=torch.float64, device=device)
     hx = torch.randn(4, 6, dtype=torch.float64, device=device) if with_hx else None
     a, b = run(ours, x, hx, 1), run(reference, x, hx, 1)
@@ -194,7 +223,9 @@ def test_non_contiguous_input_and_weights(device):
 
 
 def test_zero_batch(device):
-    ours, reference = ours_and_reference(3, 4, 2, bidirectional=True, device=device, dtype=torch.float64, seed=8)
+    ours, reference = ours_and_reference(
+        3, 4, 2, bidirectional=True, device=device, dtype=torch.float64, seed=8
+    )
     x = torch.randn(5, 0, 3, dtype=torch.float64, device=device)
     a, b = ours(x), reference(x)
     assert a[0].shape == b[0].shape and a[1].shape == b[1].shape

@@ -1,5 +1,6 @@
 """rnn_ext.RNN in the PyTorch toolchain: torch.compile (fullgraph; aot_eager and inductor),
 torch.export, autocast, DDP and FSDP2, CUDA graphs; each checked against eager or nn.RNN."""
+
 import copy
 import time
 from datetime import timedelta
@@ -21,11 +22,24 @@ INPUT_SIZE, HIDDEN_SIZE, CLASSES = 5, 6, 3
 class Tagger(nn.Module):
     """A recurrent layer and a linear head: the smallest model that shows the RNN inside a graph."""
 
-    def __init__(self, rnn_class, num_layers=2, bidirectional=True, batch_first=True,
-                 nonlinearity="tanh", hidden_size=HIDDEN_SIZE):
+    def __init__(
+        self,
+        rnn_class,
+        num_layers=2,
+        bidirectional=True,
+        batch_first=True,
+        nonlinearity="tanh",
+        hidden_size=HIDDEN_SIZE,
+    ):
         super().__init__()
-        self.rnn = rnn_class(INPUT_SIZE, hidden_size, num_layers, nonlinearity,
-                             batch_first=batch_first, bidirectional=bidirectional)
+        self.rnn = rnn_class(
+            INPUT_SIZE,
+            hidden_size,
+            num_layers,
+            nonlinearity,
+            batch_first=batch_first,
+            bidirectional=bidirectional,
+        )
         self.head = nn.Linear(hidden_size * (2 if bidirectional else 1), CLASSES)
 
     def forward(self, x, hx=None):
@@ -40,8 +54,19 @@ def make_tagger(rnn_class, device, dtype=torch.float64, seed=0, **config):
     return Tagger(rnn_class, **config).to(device=device, dtype=dtype)
 
 
-def random_inputs(seed, batch, steps, num_layers, bidirectional, batch_first, device,
-                  dtype=torch.float64, with_hx=True, unbatched=False, hidden_size=HIDDEN_SIZE):
+def random_inputs(
+    seed,
+    batch,
+    steps,
+    num_layers,
+    bidirectional,
+    batch_first,
+    device,
+    dtype=torch.float64,
+    with_hx=True,
+    unbatched=False,
+    hidden_size=HIDDEN_SIZE,
+):
     generator = torch.Generator().manual_seed(seed)
     if unbatched:
         x_shape, hx_shape = (steps, INPUT_SIZE), (num_layers * (1 + bidirectional), hidden_size)
@@ -70,8 +95,9 @@ def outputs_and_gradients(model, x, hx=None):
 def assert_all_close(actual, expected, tolerance):
     assert len(actual) == len(expected)
     for index, (a, e) in enumerate(zip(actual, expected)):
-        torch.testing.assert_close(a, e, rtol=tolerance, atol=tolerance,
-                                   msg=lambda m, index=index: f"result {index}: {m}")
+        torch.testing.assert_close(
+            a, e, rtol=tolerance, atol=tolerance, msg=lambda m, index=index: f"result {index}: {m}"
+        )
 
 
 def compile_counter(backend):
@@ -97,21 +123,28 @@ def fresh_dynamo():
 
 
 COMPILE_CONFIGS = {
-    "2layers-bidirectional-batch_first-hx": dict(num_layers=2, bidirectional=True,
-                                                 batch_first=True, with_hx=True),
-    "2layers-bidirectional-batch_first-no_hx": dict(num_layers=2, bidirectional=True,
-                                                    batch_first=True, with_hx=False),
-    "3layers-relu-time_major-hx": dict(num_layers=3, bidirectional=False, batch_first=False,
-                                       with_hx=True, nonlinearity="relu"),
-    "2layers-bidirectional-unbatched-hx": dict(num_layers=2, bidirectional=True,
-                                               batch_first=True, with_hx=True, unbatched=True),
+    "2layers-bidirectional-batch_first-hx": dict(
+        num_layers=2, bidirectional=True, batch_first=True, with_hx=True
+    ),
+    "2layers-bidirectional-batch_first-no_hx": dict(
+        num_layers=2, bidirectional=True, batch_first=True, with_hx=False
+    ),
+    "3layers-relu-time_major-hx": dict(
+        num_layers=3, bidirectional=False, batch_first=False, with_hx=True, nonlinearity="relu"
+    ),
+    "2layers-bidirectional-unbatched-hx": dict(
+        num_layers=2, bidirectional=True, batch_first=True, with_hx=True, unbatched=True
+    ),
 }
 
 
 def split_config(config):
     model_config = {k: v for k, v in config.items() if k not in ("with_hx", "unbatched")}
-    input_config = {k: v for k, v in config.items()
-                    if k in ("num_layers", "bidirectional", "batch_first", "with_hx", "unbatched")}
+    input_config = {
+        k: v
+        for k, v in config.items()
+        if k in ("num_layers", "bidirectional", "batch_first", "with_hx", "unbatched")
+    }
     return model_config, input_config
 
 
@@ -154,8 +187,7 @@ def test_compile_fullgraph_inductor_dynamic_shapes_match_eager(device, fresh_dyn
     counter = compile_counter("inductor")
     compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
     x, hx = random_inputs(0, 3, 7, device=device, **config)
-    assert_all_close(outputs_and_gradients(compiled, x, hx), outputs_and_gradients(model, x, hx),
-                     1e-10)
+    assert_all_close(outputs_and_gradients(compiled, x, hx), outputs_and_gradients(model, x, hx), 1e-10)
     # dynamic=True: the one graph (and its backward) serves a new batch and length.
     x, hx = random_inputs(1, 2, 11, device=device, **config)
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -169,36 +201,37 @@ def test_compile_fullgraph_inductor_dynamic_shapes_match_eager(device, fresh_dyn
 
 def packed_inputs(seed, lengths, device, dtype=torch.float64, with_hx=False):
     generator = torch.Generator().manual_seed(seed)
-    padded = torch.randn(len(lengths), max(lengths), INPUT_SIZE, generator=generator,
-                         dtype=torch.float64).to(device, dtype)
+    padded = torch.randn(len(lengths), max(lengths), INPUT_SIZE, generator=generator, dtype=torch.float64).to(
+        device, dtype
+    )
     # Unsorted lengths: exercises sorted_indices/unsorted_indices too.
-    packed = pack_padded_sequence(padded, torch.tensor(lengths), batch_first=True,
-                                  enforce_sorted=False)
+    packed = pack_padded_sequence(padded, torch.tensor(lengths), batch_first=True, enforce_sorted=False)
     hx = None
     if with_hx:
-        hx = 0.5 * torch.randn(4, len(lengths), HIDDEN_SIZE, generator=generator,
-                               dtype=torch.float64).to(device, dtype)
+        hx = 0.5 * torch.randn(4, len(lengths), HIDDEN_SIZE, generator=generator, dtype=torch.float64).to(
+            device, dtype
+        )
     return packed, hx
 
 
 def outputs_and_gradients_packed(model, packed, hx=None):
     data = packed.data.detach().requires_grad_()
-    packed = PackedSequence(data, packed.batch_sizes, packed.sorted_indices,
-                            packed.unsorted_indices)
+    packed = PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
     leaves = [data]
     if hx is not None:
         hx = hx.detach().requires_grad_()
         leaves.append(hx)
     logits, h_n = model(packed, hx)
     loss = logits.sin().sum() + (h_n * h_n).sum()
-    return [logits.detach(), h_n.detach(),
-            *torch.autograd.grad(loss, leaves + list(model.parameters()))]
+    return [logits.detach(), h_n.detach(), *torch.autograd.grad(loss, leaves + list(model.parameters()))]
 
 
 # One inductor case: its compiles are slow, and hx takes the same path through it.
-@pytest.mark.parametrize("backend,with_hx", [("aot_eager", False), ("aot_eager", True),
-                                             ("inductor", False)],
-                         ids=["aot_eager-no_hx", "aot_eager-hx", "inductor-no_hx"])
+@pytest.mark.parametrize(
+    "backend,with_hx",
+    [("aot_eager", False), ("aot_eager", True), ("inductor", False)],
+    ids=["aot_eager-no_hx", "aot_eager-hx", "inductor-no_hx"],
+)
 def test_compile_fullgraph_packed_sequence_matches_eager(device, backend, with_hx, fresh_dynamo):
     model = make_tagger(rnn_ext.RNN, device)
     counter = compile_counter(backend)
@@ -214,8 +247,11 @@ def test_compile_fullgraph_packed_sequence_matches_eager(device, backend, with_h
             all_lengths = all_lengths[:2]
         for seed, lengths in enumerate(all_lengths):
             packed, hx = packed_inputs(seed, lengths, device, with_hx=with_hx)
-            assert_all_close(outputs_and_gradients_packed(compiled, packed, hx),
-                             outputs_and_gradients_packed(model, packed, hx), 1e-10)
+            assert_all_close(
+                outputs_and_gradients_packed(compiled, packed, hx),
+                outputs_and_gradients_packed(model, packed, hx),
+                1e-10,
+            )
     assert counter.frame_count >= 1
     assert all(elman_calls(graph.graph) == 2 for graph in counter.graphs)
 
@@ -240,9 +276,7 @@ def test_explain_reports_no_graph_break(device, fresh_dynamo):
 
 # torch's own RNNBase._update_flat_weights re-points _flat_weights at export's parameter
 # stand-ins, and export warns about that assignment; nn.RNN's export warns the same.
-ignore_flat_weights_warning = pytest.mark.filterwarnings(
-    "ignore:The tensor attributes self.*_flat_weights"
-)
+ignore_flat_weights_warning = pytest.mark.filterwarnings("ignore:The tensor attributes self.*_flat_weights")
 
 
 @ignore_flat_weights_warning
@@ -253,8 +287,9 @@ def test_export_with_dynamic_batch_and_length_matches_eager(device, with_hx):
     batch, steps = torch.export.Dim("batch", min=2), torch.export.Dim("steps", min=2)
     x, hx = random_inputs(0, 3, 7, device=device, with_hx=with_hx, **config)
     if with_hx:
-        program = torch.export.export(model, (x, hx), dynamic_shapes={
-            "x": {0: batch, 1: steps}, "hx": {1: batch}})
+        program = torch.export.export(
+            model, (x, hx), dynamic_shapes={"x": {0: batch, 1: steps}, "hx": {1: batch}}
+        )
     else:
         program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch, 1: steps}})
     assert elman_calls(program.graph) == 2
@@ -286,8 +321,9 @@ def test_export_packed_sequence_matches_eager(device):
 
 def autocast_pair(model_dtype, device, num_layers=2, bidirectional=True):
     """(rnn_ext.RNN, nn.RNN) with the same weights, in model_dtype on device."""
-    pair = ours_and_reference(INPUT_SIZE, HIDDEN_SIZE, num_layers, batch_first=True,
-                              bidirectional=bidirectional)
+    pair = ours_and_reference(
+        INPUT_SIZE, HIDDEN_SIZE, num_layers, batch_first=True, bidirectional=bidirectional
+    )
     return tuple(module.to(device, model_dtype) for module in pair)
 
 
@@ -313,7 +349,8 @@ def assert_autocast_matches_nn_rnn(device, autocast_dtype, model_dtype, input_dt
     x = torch.randn(3, 7, INPUT_SIZE, dtype=torch.float64).to(device, input_dtype)
     our_out, our_h, our_dx, our_grads = run_under_autocast(ours, device, autocast_dtype, x)
     reference_out, reference_h, reference_dx, reference_grads = run_under_autocast(
-        reference, device, autocast_dtype, x)
+        reference, device, autocast_dtype, x
+    )
     assert (our_out.dtype, our_h.dtype) == (reference_out.dtype, reference_h.dtype)
     # Both sides round to the half type at different points, so they agree to its precision
     # (measured: at most 1.2e-2 of the scale for bfloat16, 6e-3 for float16).
@@ -339,8 +376,7 @@ AUTOCAST_CASES = {
 }
 
 
-@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16],
-                         ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("case", AUTOCAST_CASES.values(), ids=AUTOCAST_CASES.keys())
 def test_cpu_autocast_follows_nn_rnn(autocast_dtype, case):
     # nn.RNN on the CPU under autocast runs in the autocast dtype (its output is bfloat16 or
@@ -349,8 +385,7 @@ def test_cpu_autocast_follows_nn_rnn(autocast_dtype, case):
 
 
 @requires_cuda
-@pytest.mark.parametrize("autocast_dtype", [torch.float16, torch.bfloat16],
-                         ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("autocast_dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("case", AUTOCAST_CASES.values(), ids=AUTOCAST_CASES.keys())
 def test_cuda_autocast_follows_nn_rnn(autocast_dtype, case):
     assert_autocast_matches_nn_rnn("cuda", autocast_dtype, *case)
@@ -364,8 +399,7 @@ SGD_STEPS, BATCH, SEQUENCE_LENGTH, LEARNING_RATE = 3, 6, 5, 0.1
 def distributed_data():
     generator = torch.Generator().manual_seed(1234)
     x = torch.randn(BATCH, SEQUENCE_LENGTH, INPUT_SIZE, generator=generator, dtype=torch.float64)
-    target = torch.randn(BATCH, SEQUENCE_LENGTH, CLASSES, generator=generator,
-                         dtype=torch.float64)
+    target = torch.randn(BATCH, SEQUENCE_LENGTH, CLASSES, generator=generator, dtype=torch.float64)
     return x, target
 
 
@@ -398,8 +432,13 @@ def train_fsdp2(model, x, target):
 def distributed_worker(rank, world_size, init_file, initial_file, result_dir):
     # Top level so that the spawned processes can import it.
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=30))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=30),
+    )
     try:
         x, target = distributed_data()
         # Equal halves: the mean of the two half-batch gradients is the whole batch's gradient.
@@ -416,8 +455,9 @@ def distributed_worker(rank, world_size, init_file, initial_file, result_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                    reason="needs torch.distributed with gloo")
+@pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+)
 def test_ddp_and_fsdp2_two_processes_match_single_process_nn_rnn(tmp_path, monkeypatch):
     # Gloo on the loopback interface only, whatever the machine's hostname resolves to.
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
@@ -426,9 +466,13 @@ def test_ddp_and_fsdp2_two_processes_match_single_process_nn_rnn(tmp_path, monke
     initial_file = tmp_path / "initial.pt"
     torch.save(initial, initial_file)
     # spawn, not fork: this process may hold OpenMP and inductor worker threads.
-    context = mp.start_processes(distributed_worker,
-                                 args=(2, tmp_path / "store", initial_file, tmp_path),
-                                 nprocs=2, join=False, start_method="spawn")
+    context = mp.start_processes(
+        distributed_worker,
+        args=(2, tmp_path / "store", initial_file, tmp_path),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.monotonic() + 120
     try:
         while not context.join(timeout=1):
@@ -445,8 +489,7 @@ def test_ddp_and_fsdp2_two_processes_match_single_process_nn_rnn(tmp_path, monke
         assert trained.keys() == expected.keys(), name
         for key, value in expected.items():
             assert not torch.equal(value, initial[key]), f"{key} did not train"
-            torch.testing.assert_close(trained[key], value, rtol=1e-10, atol=1e-12,
-                                       msg=f"{name}: {key}")
+            torch.testing.assert_close(trained[key], value, rtol=1e-10, atol=1e-12, msg=f"{name}: {key}")
 
 
 # --- 5. CUDA graphs ---------------------------------------------------------------------------
@@ -471,16 +514,18 @@ GRAPH_HIDDEN_SIZE = 64
 @requires_cuda
 def test_cuda_graph_forward_replays_new_inputs(cuda_regime):
     model = make_tagger(rnn_ext.RNN, "cuda", dtype=torch.float32, hidden_size=GRAPH_HIDDEN_SIZE)
-    static_x, static_hx = random_inputs(0, 3, 7, 2, True, True, "cuda", torch.float32,
-                                        hidden_size=GRAPH_HIDDEN_SIZE)
+    static_x, static_hx = random_inputs(
+        0, 3, 7, 2, True, True, "cuda", torch.float32, hidden_size=GRAPH_HIDDEN_SIZE
+    )
     with torch.no_grad():
         warm_up(lambda: model(static_x, static_hx))
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_logits, static_h_n = model(static_x, static_hx)
         for seed in (1, 2):
-            x, hx = random_inputs(seed, 3, 7, 2, True, True, "cuda", torch.float32,
-                                  hidden_size=GRAPH_HIDDEN_SIZE)
+            x, hx = random_inputs(
+                seed, 3, 7, 2, True, True, "cuda", torch.float32, hidden_size=GRAPH_HIDDEN_SIZE
+            )
             static_x.copy_(x)
             static_hx.copy_(hx)
             graph.replay()
@@ -493,8 +538,9 @@ def test_cuda_graph_forward_replays_new_inputs(cuda_regime):
 def test_cuda_graph_forward_backward_replays_new_inputs(cuda_regime):
     model = make_tagger(rnn_ext.RNN, "cuda", dtype=torch.float32, hidden_size=GRAPH_HIDDEN_SIZE)
     eager_model = copy.deepcopy(model)
-    static_x, static_hx = random_inputs(0, 3, 7, 2, True, True, "cuda", torch.float32,
-                                        hidden_size=GRAPH_HIDDEN_SIZE)
+    static_x, static_hx = random_inputs(
+        0, 3, 7, 2, True, True, "cuda", torch.float32, hidden_size=GRAPH_HIDDEN_SIZE
+    )
     static_x.requires_grad_()
 
     def step():
@@ -511,8 +557,7 @@ def test_cuda_graph_forward_backward_replays_new_inputs(cuda_regime):
     with torch.cuda.graph(graph):
         static_logits, static_h_n = step()
     for seed in (1, 2):
-        x, hx = random_inputs(seed, 3, 7, 2, True, True, "cuda", torch.float32,
-                              hidden_size=GRAPH_HIDDEN_SIZE)
+        x, hx = random_inputs(seed, 3, 7, 2, True, True, "cuda", torch.float32, hidden_size=GRAPH_HIDDEN_SIZE)
         with torch.no_grad():
             static_x.copy_(x)
             static_hx.copy_(hx)

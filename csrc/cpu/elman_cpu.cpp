@@ -86,7 +86,8 @@ void run_parts(Phase phase, int64_t parts, const Part& part, bool use_team = tru
   });
 }
 
-// c[r] = (accumulate ? c[r] : 0) + a[r] @ b for `rows` rows at fixed strides, on the calling thread.
+// c[r] = (accumulate ? c[r] : 0) + a[r] @ b for `rows` rows at fixed strides, on the calling
+// thread.
 template <typename T>
 void strided_row_matmul(int64_t rows, const T* a, int64_t a_stride, const PackedMatrix<T>& b, T* c,
                         int64_t c_stride, bool accumulate) {
@@ -108,7 +109,8 @@ void apply_activation(T* values, int64_t count, Activation activation) {
   }
 }
 
-// W_ih of every direction stacked [D*H, I], and (b_ih + b_hh) stacked [D*H] (undefined without bias).
+// W_ih of every direction stacked [D*H, I], and (b_ih + b_hh) stacked [D*H] (undefined without
+// bias).
 std::pair<at::Tensor, at::Tensor> stacked_input_weights(const LayerArgs& args) {
   std::vector<at::Tensor> weights, biases;
   for (const auto& w : args.directions) {
@@ -179,9 +181,10 @@ void forward_recurrence(const LayerArgs& args, int64_t direction, const PackedMa
     const int64_t t = step_of_position(position, T_, reverse, /*backward=*/false);
     const int64_t rows = layout.size(t);
     for (const auto b : c10::irange(rows)) {
-      previous[b] = layout.reads_initial_state(t, b, reverse)
-                        ? h0 + b * H
-                        : output + output_index(layout.row(previous_step(t, reverse), b), direction, 0, H, D);
+      previous[b] =
+          layout.reads_initial_state(t, b, reverse)
+              ? h0 + b * H
+              : output + output_index(layout.row(previous_step(t, reverse), b), direction, 0, H, D);
       current[b] = output + output_index(layout.row(t, b), direction, 0, H, D);
     }
     if (columns > 0) {
@@ -213,7 +216,8 @@ bool splits_steps(const ElmanShape& s) {
 // a bidirectional layer's directions on two threads, else one direction at a time, each step
 // split over the team when it is large enough.
 template <typename Recurrence>
-void run_recurrences(const ElmanShape& s, Phase phase, int64_t block, const Recurrence& recurrence) {
+void run_recurrences(const ElmanShape& s, Phase phase, int64_t block,
+                     const Recurrence& recurrence) {
   const int64_t H = s.hidden_size;
   if (s.directions == 2 && cpu::available_threads() >= 2) {
     // OpenMP may grant a smaller team than asked for (OMP_THREAD_LIMIT, OMP_DYNAMIC): the team
@@ -316,8 +320,8 @@ at::Tensor input_gradient(const LayerArgs& args, const at::Tensor& grad_pre) {
     PackedMatrix<T> packed;
     cpu::pack_matrix(packed, stacked.data_ptr<T>(), width, s.input_size,
                      /*k_stride=*/s.input_size, /*j_stride=*/1);
-    strided_row_matmul<T>(s.rows, grad_pre.data_ptr<T>(), width, packed,
-                          grad_input.data_ptr<T>(), s.input_size, /*accumulate=*/false);
+    strided_row_matmul<T>(s.rows, grad_pre.data_ptr<T>(), width, packed, grad_input.data_ptr<T>(),
+                          s.input_size, /*accumulate=*/false);
     return grad_input;
   }
   const int64_t parts = product_parts(macs, s.rows);
@@ -340,9 +344,10 @@ void gather_previous_states(const LayerArgs& args, int64_t d, const T* hx, const
   const StepLayout layout = step_layout(args);
   for (const auto t : c10::irange(T_)) {
     for (const auto b : c10::irange(layout.size(t))) {
-      const T* h_prev = layout.reads_initial_state(t, b, reverse)
-                            ? hx + state_index(d, b, 0, s.batch, H)
-                            : output + output_index(layout.row(previous_step(t, reverse), b), d, 0, H, D);
+      const T* h_prev =
+          layout.reads_initial_state(t, b, reverse)
+              ? hx + state_index(d, b, 0, s.batch, H)
+              : output + output_index(layout.row(previous_step(t, reverse), b), d, 0, H, D);
       std::memcpy(previous + layout.row(t, b) * H, h_prev, H * sizeof(T));
     }
   }
@@ -370,8 +375,8 @@ void small_weight_gradients(const LayerArgs& args, const at::Tensor& grad_pre,
     gather_previous_states<T>(args, d, hx.data_ptr<T>(), output_rows.data_ptr<T>(),
                               previous_rows.data());
     cpu::pack_matrix(previous, previous_rows.data(), s.rows, H, /*k_stride=*/H, /*j_stride=*/1);
-    strided_row_matmul<T>(H, grad_pre_d, s.rows, previous,
-                          grads[d].weight_hh.data_ptr<T>(), H, /*accumulate=*/false);
+    strided_row_matmul<T>(H, grad_pre_d, s.rows, previous, grads[d].weight_hh.data_ptr<T>(), H,
+                          /*accumulate=*/false);
     if (s.has_bias) {
       T* sums = grads[d].bias.data_ptr<T>();
       std::fill(sums, sums + H, T(0));
@@ -387,8 +392,7 @@ void small_weight_gradients(const LayerArgs& args, const at::Tensor& grad_pre,
 // (columns of dP), never the sum over rows, and H_prev is read as the output shifted by one step
 // (plus h0's block) rather than copied.
 template <typename T>
-std::vector<DirectionGradients> weight_gradients(const LayerArgs& args,
-                                                 const at::Tensor& grad_pre,
+std::vector<DirectionGradients> weight_gradients(const LayerArgs& args, const at::Tensor& grad_pre,
                                                  const at::Tensor& input_rows, const at::Tensor& hx,
                                                  const at::Tensor& output_rows) {
   cpu::PhaseTimer timer(Phase::WeightGradient);
@@ -419,37 +423,41 @@ std::vector<DirectionGradients> weight_gradients(const LayerArgs& args,
   // A few parts' worth of work runs its parts on the calling thread: a team's start would be the
   // bulk of a latency-bound layer's weight gradient (T=1000, B=1, H=32: 1M multiply-adds).
   const bool use_team = macs >= 4 * kPartWork;
-  run_parts(Phase::WeightGradient, parts * D, [&](int64_t part) {
-    const int64_t d = part / parts;
-    const auto [begin, end] = cpu::split_range(H, 1, part % parts, parts);
-    const int64_t n = end - begin;
-    at::Tensor grad_ih = grads[d].weight_ih.narrow(0, begin, n);
-    at::Tensor grad_hh = grads[d].weight_hh.narrow(0, begin, n);
-    const at::Tensor dp = grad_pre.narrow(1, d * H + begin, n);  // [rows, n]
-    at::mm_out(grad_ih, dp.t(), input_rows);
-    if (s.packed) {
-      at::mm_out(grad_hh, dp.t(), previous[d]);
-    } else {
-      // Forward direction: rows [B, rows) follow output rows [0, rows - B); the first B read h0.
-      // Reverse: rows [0, rows - B) follow output rows [B, rows); the last B read h0.
-      const at::Tensor h = output_rows.narrow(1, d * H, H);
-      const at::Tensor h0 = hx.select(0, d);
-      const int64_t later = s.rows - B;
-      const int64_t first_with_h0 = d == 0 ? 0 : later;
-      const int64_t first_shifted = d == 0 ? B : 0;
-      const int64_t first_source = d == 0 ? 0 : B;
-      at::mm_out(grad_hh, dp.narrow(0, first_with_h0, B).t(), h0);
-      if (later > 0)
-        grad_hh.addmm_(dp.narrow(0, first_shifted, later).t(), h.narrow(0, first_source, later));
-    }
-    if (s.has_bias) {
-      T* sums = grads[d].bias.data_ptr<T>() + begin;
-      std::fill(sums, sums + n, T(0));
-      const T* rows = grad_pre.data_ptr<T>() + d * H + begin;
-      for (const auto r : c10::irange(s.rows))
-        for (const auto j : c10::irange(n)) sums[j] += rows[r * width + j];
-    }
-  }, use_team);
+  run_parts(
+      Phase::WeightGradient, parts * D,
+      [&](int64_t part) {
+        const int64_t d = part / parts;
+        const auto [begin, end] = cpu::split_range(H, 1, part % parts, parts);
+        const int64_t n = end - begin;
+        at::Tensor grad_ih = grads[d].weight_ih.narrow(0, begin, n);
+        at::Tensor grad_hh = grads[d].weight_hh.narrow(0, begin, n);
+        const at::Tensor dp = grad_pre.narrow(1, d * H + begin, n);  // [rows, n]
+        at::mm_out(grad_ih, dp.t(), input_rows);
+        if (s.packed) {
+          at::mm_out(grad_hh, dp.t(), previous[d]);
+        } else {
+          // Forward direction: rows [B, rows) follow output rows [0, rows - B); the first B read
+          // h0. Reverse: rows [0, rows - B) follow output rows [B, rows); the last B read h0.
+          const at::Tensor h = output_rows.narrow(1, d * H, H);
+          const at::Tensor h0 = hx.select(0, d);
+          const int64_t later = s.rows - B;
+          const int64_t first_with_h0 = d == 0 ? 0 : later;
+          const int64_t first_shifted = d == 0 ? B : 0;
+          const int64_t first_source = d == 0 ? 0 : B;
+          at::mm_out(grad_hh, dp.narrow(0, first_with_h0, B).t(), h0);
+          if (later > 0)
+            grad_hh.addmm_(dp.narrow(0, first_shifted, later).t(),
+                           h.narrow(0, first_source, later));
+        }
+        if (s.has_bias) {
+          T* sums = grads[d].bias.data_ptr<T>() + begin;
+          std::fill(sums, sums + n, T(0));
+          const T* rows = grad_pre.data_ptr<T>() + d * H + begin;
+          for (const auto r : c10::irange(s.rows))
+            for (const auto j : c10::irange(n)) sums[j] += rows[r * width + j];
+        }
+      },
+      use_team);
   return grads;
 }
 
@@ -481,24 +489,25 @@ std::tuple<at::Tensor, at::Tensor> elman_forward_cpu(const at::Tensor& input, co
   if (s.rows == 0) return {output, h_n};
   const at::Tensor input_rows = input.reshape({s.rows, s.input_size}).contiguous();
   const at::Tensor hx_c = hx.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_ext::elman_forward", [&] {
-    forward_typed<scalar_t>(args, input_rows, hx_c, output, h_n);
-  });
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_ext::elman_forward",
+                             [&] { forward_typed<scalar_t>(args, input_rows, hx_c, output, h_n); });
   return {output, h_n};
 }
 
-BackwardResult elman_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
-    const at::Tensor& hx, at::TensorList weights, const at::Tensor& output,
-    const c10::optional<at::Tensor>& batch_sizes, bool relu, std::array<bool, 3> output_mask) {
+BackwardResult elman_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                                  const at::Tensor& input, const at::Tensor& hx,
+                                  at::TensorList weights, const at::Tensor& output,
+                                  const c10::optional<at::Tensor>& batch_sizes, bool relu,
+                                  std::array<bool, 3> output_mask) {
   const char* op_name = "rnn_ext::elman_backward";
   const LayerArgs args = read_backward_args(op_name, grad_output, grad_h_n, input, hx, weights,
                                             output, batch_sizes, relu);
   const ElmanShape& s = args.shape;
   if (computes_in_float(input)) {
-    auto [gi, gh, gw] = elman_backward_cpu(
-        grad_output.to(at::kFloat), grad_h_n.to(at::kFloat), input.to(at::kFloat),
-        hx.to(at::kFloat), to_float(weights), output.to(at::kFloat), batch_sizes, relu, output_mask);
+    auto [gi, gh, gw] =
+        elman_backward_cpu(grad_output.to(at::kFloat), grad_h_n.to(at::kFloat),
+                           input.to(at::kFloat), hx.to(at::kFloat), to_float(weights),
+                           output.to(at::kFloat), batch_sizes, relu, output_mask);
     const auto type = input.scalar_type();
     for (auto& g : gw) g = g.to(type);
     return {gi.to(type), gh.to(type), gw};
@@ -540,8 +549,8 @@ BackwardResult elman_backward_cpu(
       }
       if (output_mask[0]) grad_input = input_gradient<T>(args, grad_pre);
       if (output_mask[2])
-        grad_directions = weight_gradients<T>(args, grad_pre, input_rows, hx_c,
-                                              output_c.view({s.rows, width}));
+        grad_directions =
+            weight_gradients<T>(args, grad_pre, input_rows, hx_c, output_c.view({s.rows, width}));
     });
   }
   return backward_result(args, input, weights, output_mask, grad_input, grad_hx, grad_directions);

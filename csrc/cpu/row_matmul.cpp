@@ -84,32 +84,32 @@ RNN_EXT_INLINE void strip(const T* const* a_rows, const T* panel, int64_t depth,
                           int64_t k1, T* const* c_rows, int64_t column, int64_t width, bool add,
                           int64_t r, int64_t chunk_end) {
   for (; r + ROW_BLOCK <= chunk_end; r += ROW_BLOCK)
-    block_kernel<T, ROW_BLOCK, BYTES, VECTORS>(a_rows + r, panel, depth, k0, k1, c_rows + r,
-                                               column, width, add);
+    block_kernel<T, ROW_BLOCK, BYTES, VECTORS>(a_rows + r, panel, depth, k0, k1, c_rows + r, column,
+                                               width, add);
   if (ROW_BLOCK > 8 && chunk_end - r >= 8) {
-    block_kernel<T, 8, BYTES, VECTORS>(a_rows + r, panel, depth, k0, k1, c_rows + r, column,
-                                       width, add);
+    block_kernel<T, 8, BYTES, VECTORS>(a_rows + r, panel, depth, k0, k1, c_rows + r, column, width,
+                                       add);
     r += 8;
   }
   if (chunk_end - r >= 4) {
-    block_kernel<T, 4, BYTES, VECTORS>(a_rows + r, panel, depth, k0, k1, c_rows + r, column,
-                                       width, add);
+    block_kernel<T, 4, BYTES, VECTORS>(a_rows + r, panel, depth, k0, k1, c_rows + r, column, width,
+                                       add);
     r += 4;
   }
   if (chunk_end - r >= 2) {
-    block_kernel<T, 2, BYTES, VECTORS>(a_rows + r, panel, depth, k0, k1, c_rows + r, column,
-                                       width, add);
+    block_kernel<T, 2, BYTES, VECTORS>(a_rows + r, panel, depth, k0, k1, c_rows + r, column, width,
+                                       add);
     r += 2;
   }
   if (chunk_end - r == 1)
-    block_kernel<T, 1, BYTES, VECTORS>(a_rows + r, panel, depth, k0, k1, c_rows + r, column,
-                                       width, add);
+    block_kernel<T, 1, BYTES, VECTORS>(a_rows + r, panel, depth, k0, k1, c_rows + r, column, width,
+                                       add);
 }
 
 template <typename T, int BYTES>
-RNN_EXT_INLINE void row_matmul_body(int64_t rows, const T* const* a_rows,
-                                    const PackedMatrix<T>& b, T* const* c_rows, bool accumulate,
-                                    int64_t column_begin, int64_t column_end) {
+RNN_EXT_INLINE void row_matmul_body(int64_t rows, const T* const* a_rows, const PackedMatrix<T>& b,
+                                    T* const* c_rows, bool accumulate, int64_t column_begin,
+                                    int64_t column_end) {
   // Cache blocking, outermost first: a depth slice (256), then a chunk of rows whose A block
   // (60 x 256) stays in L2, then one column strip whose depth slice (256 x 16 per panel,
   // contiguous) stays in L1 while the chunk's rows stream past it. Depth slices after the first
@@ -201,9 +201,9 @@ __attribute__((target("avx512f,avx512vl,avx512dq,fma"))) void row_matmul_avx512(
 
 template <typename T>
 __attribute__((target("avx,fma"))) void row_matmul_avx(int64_t rows, const T* const* a_rows,
-                                                        const PackedMatrix<T>& b,
-                                                        T* const* c_rows, bool accumulate,
-                                                        int64_t column_begin, int64_t column_end) {
+                                                       const PackedMatrix<T>& b, T* const* c_rows,
+                                                       bool accumulate, int64_t column_begin,
+                                                       int64_t column_end) {
   row_matmul_body<T, 32>(rows, a_rows, b, c_rows, accumulate, column_begin, column_end);
 }
 

@@ -1,6 +1,7 @@
 // A small register-blocked "rows times packed matrix" kernel for the CPU backend, and a vectorised
-// tanh. The recurrence multiplies at most a batch of rows by an H x H matrix per step: too small for
-// a BLAS call to pay for itself, and the input projection reuses the same kernel over all T*B rows.
+// tanh. The recurrence multiplies at most a batch of rows by an H x H matrix per step: too small
+// for a BLAS call to pay for itself, and the input projection reuses the same kernel over all T*B
+// rows.
 #pragma once
 
 #include <algorithm>

@@ -11,12 +11,18 @@ std::array<PhaseCounters, kPhaseCount> counters;
 
 const char* phase_name(Phase phase) {
   switch (phase) {
-    case Phase::InputProjection: return "input_projection";
-    case Phase::ForwardRecurrence: return "forward_recurrence";
-    case Phase::BackwardRecurrence: return "backward_recurrence";
-    case Phase::InputGradient: return "input_gradient";
-    case Phase::WeightGradient: return "weight_gradient";
-    case Phase::Count: break;
+    case Phase::InputProjection:
+      return "input_projection";
+    case Phase::ForwardRecurrence:
+      return "forward_recurrence";
+    case Phase::BackwardRecurrence:
+      return "backward_recurrence";
+    case Phase::InputGradient:
+      return "input_gradient";
+    case Phase::WeightGradient:
+      return "weight_gradient";
+    case Phase::Count:
+      break;
   }
   return "unknown";
 }

@@ -104,7 +104,8 @@ inline void team_barrier() {
 
 // Part `part` of `parts` equal parts of [0, count) in units of `unit` (the last part takes the
 // remainder): [begin, end).
-inline std::array<int64_t, 2> split_range(int64_t count, int64_t unit, int64_t part, int64_t parts) {
+inline std::array<int64_t, 2> split_range(int64_t count, int64_t unit, int64_t part,
+                                          int64_t parts) {
   const int64_t units = (count + unit - 1) / unit;
   const int64_t begin = units * part / parts * unit;
   const int64_t end = units * (part + 1) / parts * unit;

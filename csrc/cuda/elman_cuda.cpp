@@ -1,11 +1,11 @@
 // CUDA implementation of the rnn_ext layer ops, registered for the CUDA key: argument checks
 // (read_layer_args, shared with the CPU), allocation, the GEMMs through ATen (cuBLAS, so torch's
-// TF32 setting applies to them), and the recurrence kernels through elman_launch.h. Everything runs on
-// the current stream without a host synchronisation.
+// TF32 setting applies to them), and the recurrence kernels through elman_launch.h. Everything runs
+// on the current stream without a host synchronisation.
 //
 // RNN_EXT_CUDA_REGIME=auto|single_block|cooperative|step_gemm forces a recurrence regime (tests and
-// the sanitizer runs use it to cover every path); a forced regime that cannot run is an error, never
-// a silent fallback. RNN_EXT_CUDA_MAX_SLICE=N caps the hidden units per cooperative block.
+// the sanitizer runs use it to cover every path); a forced regime that cannot run is an error,
+// never a silent fallback. RNN_EXT_CUDA_MAX_SLICE=N caps the hidden units per cooperative block.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,12 +27,17 @@ namespace {
 
 gpu::ScalarType kernel_scalar_type(const at::Tensor& input, const char* op_name) {
   switch (input.scalar_type()) {
-    case at::kFloat: return gpu::ScalarType::Float32;
-    case at::kDouble: return gpu::ScalarType::Float64;
-    case at::kHalf: return gpu::ScalarType::Float16;
-    case at::kBFloat16: return gpu::ScalarType::BFloat16;
+    case at::kFloat:
+      return gpu::ScalarType::Float32;
+    case at::kDouble:
+      return gpu::ScalarType::Float64;
+    case at::kHalf:
+      return gpu::ScalarType::Float16;
+    case at::kBFloat16:
+      return gpu::ScalarType::BFloat16;
     default:
-      TORCH_CHECK(false, op_name, ": on CUDA, input must be float32, float64, float16 or bfloat16, got ",
+      TORCH_CHECK(false, op_name,
+                  ": on CUDA, input must be float32, float64, float16 or bfloat16, got ",
                   input.scalar_type());
   }
 }
@@ -50,7 +55,8 @@ gpu::CudaOptions read_cuda_options() {
   } else if (std::strcmp(regime, "step_gemm") == 0) {
     options.regime = gpu::Regime::StepGemm;
   } else {
-    TORCH_CHECK(false, "RNN_EXT_CUDA_REGIME must be auto, single_block, cooperative or step_gemm, got '",
+    TORCH_CHECK(false,
+                "RNN_EXT_CUDA_REGIME must be auto, single_block, cooperative or step_gemm, got '",
                 regime, "'");
   }
   const char* width = std::getenv("RNN_EXT_CUDA_MAX_SLICE");
@@ -73,15 +79,16 @@ bool stream_is_capturing(cudaStream_t stream) {
 // batch_sizes then step_offsets, [2 * steps] int64 on the device, for packed input. Staged through
 // pinned memory so that the copy is asynchronous: the caching host allocator keeps the staging
 // buffer alive until the copy has run, and the host never waits.
-at::Tensor packed_steps_on_device(const char* op_name, const LayerArgs& args, const at::Device& device,
-                                  cudaStream_t stream) {
+at::Tensor packed_steps_on_device(const char* op_name, const LayerArgs& args,
+                                  const at::Device& device, cudaStream_t stream) {
   // A replayed graph would copy from a staging buffer that the host allocator may have handed to
   // someone else by then.
   TORCH_CHECK(!stream_is_capturing(stream), op_name,
               ": packed input (batch_sizes) cannot be captured in a CUDA graph; capture a padded "
               "input instead");
   const int64_t steps = args.shape.steps;
-  at::Tensor host = at::empty({2 * steps}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  at::Tensor host =
+      at::empty({2 * steps}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   int64_t* data = host.data_ptr<int64_t>();
   std::copy(args.batch_sizes.begin(), args.batch_sizes.end(), data);
   std::copy(args.step_offsets.begin(), args.step_offsets.begin() + steps, data + steps);
@@ -99,7 +106,8 @@ struct Recurrence {
   at::Tensor packed_steps;            // packed input only
   cudaStream_t stream;
 
-  Recurrence(const char* op_name_, const LayerArgs& args_, gpu::ScalarType type, const at::Device& device)
+  Recurrence(const char* op_name_, const LayerArgs& args_, gpu::ScalarType type,
+             const at::Device& device)
       : op_name(op_name_), args(args_), stream(at::cuda::getCurrentCUDAStream().stream()) {
     C10_CUDA_CHECK(gpu::current_device_limits(&limits));
     const ElmanShape& s = args.shape;
@@ -123,9 +131,10 @@ struct Recurrence {
   gpu::RecurrencePlan plan() const {
     const gpu::CudaOptions options = read_cuda_options();
     const gpu::RecurrencePlan plan = gpu::plan_on_device(problem, limits, options);
-    TORCH_CHECK(plan.rejected == nullptr, op_name, ": RNN_EXT_CUDA_REGIME=", gpu::regime_name(options.regime),
-                " cannot run hidden_size=", problem.hidden, ", batch=", problem.batch, ", directions=",
-                problem.directions, " on this device: ", plan.rejected);
+    TORCH_CHECK(plan.rejected == nullptr, op_name,
+                ": RNN_EXT_CUDA_REGIME=", gpu::regime_name(options.regime),
+                " cannot run hidden_size=", problem.hidden, ", batch=", problem.batch,
+                ", directions=", problem.directions, " on this device: ", plan.rejected);
     return plan;
   }
 
@@ -137,7 +146,8 @@ struct Recurrence {
       problem.exchange = exchange.data_ptr();
     }
     for (int64_t first = 0; first < problem.directions; first += plan.launch_directions) {
-      C10_CUDA_CHECK(gpu::launch_recurrence(problem, plan, limits, static_cast<int>(first), stream));
+      C10_CUDA_CHECK(
+          gpu::launch_recurrence(problem, plan, limits, static_cast<int>(first), stream));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
@@ -240,7 +250,8 @@ std::tuple<at::Tensor, at::Tensor> elman_forward_cuda(const at::Tensor& input, c
                                                       bool relu) {
   const char* op_name = "rnn_ext::elman_forward";
   const LayerArgs args = read_layer_args(op_name, input, hx, weights, batch_sizes, relu);
-  TORCH_CHECK(input.is_cuda(), op_name, ": input must be a CUDA tensor here, got one on ", input.device());
+  TORCH_CHECK(input.is_cuda(), op_name, ": input must be a CUDA tensor here, got one on ",
+              input.device());
   const gpu::ScalarType type = kernel_scalar_type(input, op_name);
   const c10::cuda::CUDAGuard guard(input.device());
   const ElmanShape& s = args.shape;
@@ -278,14 +289,16 @@ std::tuple<at::Tensor, at::Tensor> elman_forward_cuda(const at::Tensor& input, c
   return {output, h_n};
 }
 
-BackwardResult elman_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
-    const at::Tensor& hx, at::TensorList weights, const at::Tensor& output,
-    const c10::optional<at::Tensor>& batch_sizes, bool relu, std::array<bool, 3> output_mask) {
+BackwardResult elman_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                                   const at::Tensor& input, const at::Tensor& hx,
+                                   at::TensorList weights, const at::Tensor& output,
+                                   const c10::optional<at::Tensor>& batch_sizes, bool relu,
+                                   std::array<bool, 3> output_mask) {
   const char* op_name = "rnn_ext::elman_backward";
   const LayerArgs args = read_backward_args(op_name, grad_output, grad_h_n, input, hx, weights,
                                             output, batch_sizes, relu);
-  TORCH_CHECK(input.is_cuda(), op_name, ": input must be a CUDA tensor here, got one on ", input.device());
+  TORCH_CHECK(input.is_cuda(), op_name, ": input must be a CUDA tensor here, got one on ",
+              input.device());
   const gpu::ScalarType type = kernel_scalar_type(input, op_name);
   const ElmanShape& s = args.shape;
   const c10::cuda::CUDAGuard guard(input.device());
@@ -367,7 +380,8 @@ BackwardResult elman_backward_cuda(
         const int64_t grad_begin = reverse ? 0 : s.batch;
         const int64_t state_begin = reverse ? s.batch : 0;
         const int64_t first_step_begin = reverse ? later : 0;
-        g.weight_hh = at::mm(grad_pre_d.narrow(0, grad_begin, later).t(), output_d.narrow(0, state_begin, later));
+        g.weight_hh = at::mm(grad_pre_d.narrow(0, grad_begin, later).t(),
+                             output_d.narrow(0, state_begin, later));
         g.weight_hh.addmm_(grad_pre_d.narrow(0, first_step_begin, s.batch).t(), hx_c[d]);
       }
       if (s.has_bias) g.bias = grad_pre_d.sum(0);

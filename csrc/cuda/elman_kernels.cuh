@@ -87,7 +87,8 @@ __device__ __forceinline__ void load_quad(const __nv_bfloat16* source, float (&v
 }
 
 template <typename T, int kBatchTile>
-__global__ void __launch_bounds__(kMaxThreads, 1) elman_recurrence_kernel(const RecurrenceArgs args) {
+__global__ void __launch_bounds__(kMaxThreads, 1)
+    elman_recurrence_kernel(const RecurrenceArgs args) {
   using Acc = typename Scalar<T>::Acc;
   const RecurrenceProblem& p = args.problem;
   const int hidden = static_cast<int>(p.hidden);
@@ -113,7 +114,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) elman_recurrence_kernel(const 
   RNN_EXT_DYNAMIC_SHARED_MEMORY(shared_memory);
   T* weights = reinterpret_cast<T*>(shared_memory);
   Acc* states = reinterpret_cast<Acc*>(shared_memory + shared.weights_bytes);
-  Acc* partials = reinterpret_cast<Acc*>(shared_memory + shared.weights_bytes + shared.states_bytes);
+  Acc* partials =
+      reinterpret_cast<Acc*>(shared_memory + shared.weights_bytes + shared.states_bytes);
 
   T* sequence = static_cast<T*>(p.sequence);
   const T* initial = static_cast<const T*>(p.initial);
@@ -136,7 +138,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) elman_recurrence_kernel(const 
       const int column = p.backward ? i % pitch : i / hidden4;
       const int64_t n = unit_begin + column;
       T value = Scalar<T>::narrow(Acc(0));
-      if (m < hidden && column < width) value = p.backward ? weight[int64_t(m) * hidden + n] : weight[n * hidden + m];
+      if (m < hidden && column < width)
+        value = p.backward ? weight[int64_t(m) * hidden + n] : weight[n * hidden + m];
       weights[((m >> 2) * pitch + column) * 4 + (m & 3)] = value;
     }
   }
@@ -167,10 +170,11 @@ __global__ void __launch_bounds__(kMaxThreads, 1) elman_recurrence_kernel(const 
       // Backward starts at the direction's last step, where every active row ends its sequence,
       // so its dL/dh is grad_h_n alone.
       if (row >= first_active) continue;
-      const int64_t index = output_index(layout.row(first_step, row), direction, n, p.hidden, directions);
-      const Acc grad_pre = activation_backward(
-          Scalar<T>::widen(initial[at]) + Scalar<T>::widen(grad_output[index]),
-          Scalar<T>::widen(output[index]), activation);
+      const int64_t index =
+          output_index(layout.row(first_step, row), direction, n, p.hidden, directions);
+      const Acc grad_pre =
+          activation_backward(Scalar<T>::widen(initial[at]) + Scalar<T>::widen(grad_output[index]),
+                              Scalar<T>::widen(output[index]), activation);
       sequence[index] = Scalar<T>::narrow(grad_pre);
       if (args.cooperative) {
         exchange[at] = grad_pre;
@@ -202,7 +206,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) elman_recurrence_kernel(const 
   for (int64_t position = 0; position < steps; ++position) {
     const int64_t step = step_of_position(position, steps, reverse, p.backward);
     const bool has_next = position + 1 < steps;
-    const int64_t next_step = has_next ? step_of_position(position + 1, steps, reverse, p.backward) : step;
+    const int64_t next_step =
+        has_next ? step_of_position(position + 1, steps, reverse, p.backward) : step;
     const int64_t active = layout.size(step);
     const int64_t next_active = has_next ? layout.size(next_step) : 0;
     const int64_t read_plane = (position & 1) * exchange_plane;
@@ -231,7 +236,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) elman_recurrence_kernel(const 
                 sequence[output_index(layout.row(step, row), direction, n, p.hidden, directions)]);
           }
         } else if (row < next_active) {
-          const int64_t index = output_index(layout.row(next_step, row), direction, n, p.hidden, directions);
+          const int64_t index =
+              output_index(layout.row(next_step, row), direction, n, p.hidden, directions);
           first[slot] = Scalar<T>::widen(grad_output[index]);
           second[slot] = Scalar<T>::widen(output[index]);
         }
@@ -309,10 +315,13 @@ __global__ void __launch_bounds__(kMaxThreads, 1) elman_recurrence_kernel(const 
           if (layout.writes_final_state(step, row, reverse)) final_state[at] = Scalar<T>::narrow(h);
           continue;
         }
-        if (row < active && layout.reads_initial_state(step, row, reverse)) final_state[at] = Scalar<T>::narrow(u);
+        if (row < active && layout.reads_initial_state(step, row, reverse))
+          final_state[at] = Scalar<T>::narrow(u);
         if (row < next_active) {
           // A row joining at the next step ends its sequence there: its dL/dh is grad_h_n.
-          const Acc grad_h = layout.writes_final_state(next_step, row, reverse) ? Scalar<T>::widen(initial[at]) : u;
+          const Acc grad_h = layout.writes_final_state(next_step, row, reverse)
+                                 ? Scalar<T>::widen(initial[at])
+                                 : u;
           const Acc grad_pre = activation_backward(grad_h + first[slot], second[slot], activation);
           sequence[output_index(layout.row(next_step, row), direction, n, p.hidden, directions)] =
               Scalar<T>::narrow(grad_pre);
@@ -332,7 +341,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) elman_recurrence_kernel(const 
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kPointwiseThreads) step_activation_kernel(const StepActivation s) {
+__global__ void __launch_bounds__(kPointwiseThreads)
+    step_activation_kernel(const StepActivation s) {
   using Acc = typename Scalar<T>::Acc;
   T* sequence = static_cast<T*>(s.sequence);
   T* final_state = static_cast<T*>(s.final_state);
@@ -360,7 +370,8 @@ __global__ void __launch_bounds__(kPointwiseThreads) step_gradient_kernel(const 
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) {
     const int64_t b = i / s.hidden;
-    const int64_t index = output_index(s.row_offset + b, s.direction, i % s.hidden, s.hidden, s.directions);
+    const int64_t index =
+        output_index(s.row_offset + b, s.direction, i % s.hidden, s.hidden, s.directions);
     const Acc grad_h = Scalar<T>::widen(b >= s.first_final_row ? grad_final[i] : carry[i]);
     const Acc value = activation_backward(grad_h + Scalar<T>::widen(grad_output[index]),
                                           Scalar<T>::widen(output[index]), s.activation);
@@ -369,7 +380,8 @@ __global__ void __launch_bounds__(kPointwiseThreads) step_gradient_kernel(const 
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kPointwiseThreads) gather_previous_states_kernel(const PreviousStates g) {
+__global__ void __launch_bounds__(kPointwiseThreads)
+    gather_previous_states_kernel(const PreviousStates g) {
   T* previous = static_cast<T*>(g.previous);
   const T* output = static_cast<const T*>(g.output);
   const T* hx = static_cast<const T*>(g.hx);
@@ -387,8 +399,8 @@ __global__ void __launch_bounds__(kPointwiseThreads) gather_previous_states_kern
       if (layout.reads_initial_state(step, b, reverse)) {
         value = hx[state_index(direction, b, n, g.batch, g.hidden)];
       } else {
-        value = output[output_index(layout.row(previous_step(step, reverse), b), direction, n, g.hidden,
-                                    g.directions)];
+        value = output[output_index(layout.row(previous_step(step, reverse), b), direction, n,
+                                    g.hidden, g.directions)];
       }
       previous[output_index(layout.row(step, b), direction, n, g.hidden, g.directions)] = value;
     }

@@ -61,9 +61,9 @@ struct StepGradient {
 // gradient of packed input (a padded input uses two GEMMs over shifted views instead).
 struct PreviousStates {
   ScalarType scalar_type = ScalarType::Float32;
-  void* previous = nullptr;      // [total rows, D*H]
-  const void* output = nullptr;  // [total rows, D*H]
-  const void* hx = nullptr;      // [D, B, H]
+  void* previous = nullptr;               // [total rows, D*H]
+  const void* output = nullptr;           // [total rows, D*H]
+  const void* hx = nullptr;               // [D, B, H]
   const int64_t* batch_sizes = nullptr;   // device, null for a padded input
   const int64_t* step_offsets = nullptr;  // device, null for a padded input
   int64_t steps = 0;

@@ -21,7 +21,8 @@ int smallest_tile_at_least(int64_t rows) {
 int k_split_for(int slice_width, int64_t hidden) {
   const int unit_groups = static_cast<int>(ceil_div(slice_width, kWarpSize));
   const int most = std::max(1, kMaxWarps / unit_groups);
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(most, ceil_div(round_up(hidden, 4), 16))));
+  return static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(most, ceil_div(round_up(hidden, 4), 16))));
 }
 
 int threads_for(int slice_width, int k_split) {
@@ -31,16 +32,17 @@ int threads_for(int slice_width, int k_split) {
 // Finds the widest k-split (at most k_split_for) for which a block of `slice_width` units and a
 // register tile of `tile` rows fits in shared memory, with the tile small enough for the finishing
 // phase's slots. Returns false when none does.
-bool fit_block(const RecurrenceProblem& problem, const DeviceLimits& limits, int slice_width, int tile,
-               RecurrencePlan& plan) {
+bool fit_block(const RecurrenceProblem& problem, const DeviceLimits& limits, int slice_width,
+               int tile, RecurrencePlan& plan) {
   const int unit_groups = static_cast<int>(ceil_div(slice_width, kWarpSize));
   if (unit_groups > kMaxWarps) return false;
   for (int k_split = k_split_for(slice_width, problem.hidden); k_split >= 1; --k_split) {
     const int threads = threads_for(slice_width, k_split);
-    if (int64_t(tile) * slice_width > int64_t(kPostSlots) * threads) return false;  // fewer warps: worse
+    if (int64_t(tile) * slice_width > int64_t(kPostSlots) * threads)
+      return false;  // fewer warps: worse
     const int64_t bytes =
-        shared_layout(problem.hidden, slice_width, tile, k_split, element_bytes(problem.scalar_type),
-                      accumulator_bytes(problem.scalar_type))
+        shared_layout(problem.hidden, slice_width, tile, k_split,
+                      element_bytes(problem.scalar_type), accumulator_bytes(problem.scalar_type))
             .total();
     if (bytes > limits.shared_memory_per_block_optin) continue;
     plan.batch_tile = tile;
@@ -64,7 +66,8 @@ RecurrencePlan plan_single_block(const RecurrenceProblem& problem, const DeviceL
   // up to 4 rows cost about the same per step as 1, since reading W_hh from shared memory is the
   // bound there.
   const int64_t rows_for_one_wave = ceil_div(problem.batch * problem.directions, limits.sm_count);
-  int tile = smallest_tile_at_least(std::max<int64_t>(rows_for_one_wave, std::min<int64_t>(problem.batch, 4)));
+  int tile = smallest_tile_at_least(
+      std::max<int64_t>(rows_for_one_wave, std::min<int64_t>(problem.batch, 4)));
   while (tile >= 1 && !fit_block(problem, limits, width, tile, plan)) tile /= 2;
   if (tile < 1) {
     plan.rejected = "W_hh does not fit in one block's shared memory on this device";
@@ -121,13 +124,14 @@ RecurrencePlan plan_cooperative(const RecurrenceProblem& problem, const DeviceLi
         candidate.slice_width = even_width;
       }
     }
-    const int blocks_per_sm =
-        resident_blocks(problem.scalar_type, candidate.batch_tile, candidate.threads, candidate.shared_bytes);
+    const int blocks_per_sm = resident_blocks(problem.scalar_type, candidate.batch_tile,
+                                              candidate.threads, candidate.shared_bytes);
     const int64_t resident = int64_t(blocks_per_sm) * limits.sm_count / launch_directions;
     if (resident < candidate.slices) continue;
     // Spare SMs take batch groups, each of at least one register tile of rows.
     const int64_t spare = std::min<int64_t>(budget, resident) / candidate.slices;
-    const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(spare, ceil_div(problem.batch, candidate.batch_tile)));
+    const int64_t groups = std::max<int64_t>(
+        1, std::min<int64_t>(spare, ceil_div(problem.batch, candidate.batch_tile)));
     candidate.rows_per_group = static_cast<int>(ceil_div(problem.batch, groups));
     candidate.groups = static_cast<int>(ceil_div(problem.batch, candidate.rows_per_group));
     candidate.launch_directions = launch_directions;
@@ -142,10 +146,14 @@ RecurrencePlan plan_cooperative(const RecurrenceProblem& problem, const DeviceLi
 
 const char* regime_name(Regime regime) {
   switch (regime) {
-    case Regime::Auto: return "auto";
-    case Regime::SingleBlock: return "single_block";
-    case Regime::Cooperative: return "cooperative";
-    case Regime::StepGemm: return "step_gemm";
+    case Regime::Auto:
+      return "auto";
+    case Regime::SingleBlock:
+      return "single_block";
+    case Regime::Cooperative:
+      return "cooperative";
+    case Regime::StepGemm:
+      return "step_gemm";
   }
   return "unknown";
 }
@@ -170,7 +178,8 @@ RecurrencePlan plan_recurrence(const RecurrenceProblem& problem, const DeviceLim
 }
 
 int64_t exchange_bytes(const RecurrenceProblem& problem) {
-  return 2 * problem.directions * problem.batch * problem.hidden * accumulator_bytes(problem.scalar_type);
+  return 2 * problem.directions * problem.batch * problem.hidden *
+         accumulator_bytes(problem.scalar_type);
 }
 
 }  // namespace gpu

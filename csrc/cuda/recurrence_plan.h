@@ -33,7 +33,8 @@ enum class Regime : int32_t {
 
 const char* regime_name(Regime regime);
 
-// The user's settings for the CUDA path, read per call (RNN_EXT_CUDA_REGIME, RNN_EXT_CUDA_MAX_SLICE).
+// The user's settings for the CUDA path, read per call (RNN_EXT_CUDA_REGIME,
+// RNN_EXT_CUDA_MAX_SLICE).
 struct CudaOptions {
   Regime regime = Regime::Auto;
   // > 0 caps the hidden units per Cooperative block (tests use it to force several slices at small
@@ -49,15 +50,15 @@ struct RecurrenceProblem {
   Activation activation = Activation::Tanh;
   bool backward = false;
   int64_t steps = 0;
-  int64_t batch = 0;   // rows of the first (largest) step
+  int64_t batch = 0;  // rows of the first (largest) step
   int64_t hidden = 0;
   int64_t directions = 1;
   // Device copies of batch_sizes [steps] and step_offsets [steps]; both null for a padded input.
   const int64_t* batch_sizes = nullptr;
   const int64_t* step_offsets = nullptr;
   const void* weight_hh[2] = {nullptr, nullptr};  // per direction, [H, H] contiguous
-  const void* initial = nullptr;  // [D, B, H]: hx (forward) or grad_h_n (backward)
-  void* final_state = nullptr;    // [D, B, H]: h_n (forward) or grad_hx (backward)
+  const void* initial = nullptr;                  // [D, B, H]: hx (forward) or grad_h_n (backward)
+  void* final_state = nullptr;                    // [D, B, H]: h_n (forward) or grad_hx (backward)
   // [rows, D*H]. Forward: holds P = x W_ih^T + b on entry and the outputs h on exit.
   // Backward: receives dL/dP, the gradient of the pre-activations.
   void* sequence = nullptr;
@@ -77,7 +78,8 @@ struct DeviceLimits {
 // Blocks of the recurrence kernel for `scalar_type` and `batch_tile` that one SM holds at once with
 // `threads` threads and `shared_bytes` of dynamic shared memory; 0 when none or when the device
 // cannot say. The launch side answers it from the CUDA runtime's occupancy calculator.
-using ResidentBlocks = std::function<int(ScalarType scalar_type, int batch_tile, int threads, int64_t shared_bytes)>;
+using ResidentBlocks =
+    std::function<int(ScalarType scalar_type, int batch_tile, int threads, int64_t shared_bytes)>;
 
 // How one recurrence is laid out on the device. Blocks are (batch group x hidden slice) along x and
 // one direction each along y.
@@ -98,8 +100,8 @@ struct RecurrencePlan {
 
 // Picks the regime and launch shape. options.regime = Auto tries SingleBlock, then Cooperative,
 // then StepGemm; any other value returns that regime or, when it cannot run here, a plan whose
-// `rejected` says why. `resident_blocks` is asked only by the Cooperative regime, whose grid must be
-// co-resident.
+// `rejected` says why. `resident_blocks` is asked only by the Cooperative regime, whose grid must
+// be co-resident.
 RecurrencePlan plan_recurrence(const RecurrenceProblem& problem, const DeviceLimits& limits,
                                const CudaOptions& options, const ResidentBlocks& resident_blocks);
 
@@ -126,21 +128,26 @@ struct SharedLayout {
   ELMAN_HOST_DEVICE int64_t total() const { return weights_bytes + states_bytes + partials_bytes; }
 };
 
-ELMAN_HOST_DEVICE SharedLayout shared_layout(int64_t hidden, int slice_width, int batch_tile, int k_split,
-                                             int64_t element_bytes, int64_t accumulator_bytes) {
+ELMAN_HOST_DEVICE SharedLayout shared_layout(int64_t hidden, int slice_width, int batch_tile,
+                                             int k_split, int64_t element_bytes,
+                                             int64_t accumulator_bytes) {
   const int64_t hidden4 = round_up(hidden, 4);
   SharedLayout layout;
   layout.weights_bytes = round_up(hidden4 * slice_width * element_bytes, 16);
   layout.states_bytes = round_up(batch_tile * hidden4 * accumulator_bytes, 16);
-  layout.partials_bytes = round_up(int64_t(k_split) * batch_tile * slice_width * accumulator_bytes, 16);
+  layout.partials_bytes =
+      round_up(int64_t(k_split) * batch_tile * slice_width * accumulator_bytes, 16);
   return layout;
 }
 
 inline int64_t element_bytes(ScalarType type) {
   switch (type) {
-    case ScalarType::Float64: return 8;
-    case ScalarType::Float32: return 4;
-    default: return 2;
+    case ScalarType::Float64:
+      return 8;
+    case ScalarType::Float32:
+      return 4;
+    default:
+      return 2;
   }
 }
 

@@ -16,9 +16,16 @@ namespace {
 constexpr int kPlanFields = 11;
 
 void write_plan(const gpu::RecurrencePlan& plan, int64_t* out) {
-  const int64_t fields[kPlanFields] = {static_cast<int64_t>(plan.regime), plan.batch_tile, plan.slice_width,
-                                       plan.slices, plan.rows_per_group, plan.groups, plan.k_split,
-                                       plan.threads, plan.shared_bytes, plan.launch_directions,
+  const int64_t fields[kPlanFields] = {static_cast<int64_t>(plan.regime),
+                                       plan.batch_tile,
+                                       plan.slice_width,
+                                       plan.slices,
+                                       plan.rows_per_group,
+                                       plan.groups,
+                                       plan.k_split,
+                                       plan.threads,
+                                       plan.shared_bytes,
+                                       plan.launch_directions,
                                        plan.rejected == nullptr ? 0 : 1};
   std::memcpy(out, fields, sizeof(fields));
 }
@@ -29,8 +36,8 @@ void copy_text(const char* text, char* out, int capacity) {
   out[capacity - 1] = '\0';
 }
 
-gpu::RecurrenceProblem make_problem(int scalar_type, int relu, int backward, int64_t steps, int64_t batch,
-                                    int64_t hidden, int64_t directions) {
+gpu::RecurrenceProblem make_problem(int scalar_type, int relu, int backward, int64_t steps,
+                                    int64_t batch, int64_t hidden, int64_t directions) {
   gpu::RecurrenceProblem problem;
   problem.scalar_type = static_cast<gpu::ScalarType>(scalar_type);
   problem.activation = relu ? Activation::Relu : Activation::Tanh;
@@ -46,8 +53,8 @@ gpu::RecurrenceProblem make_problem(int scalar_type, int relu, int backward, int
 
 extern "C" {
 
-int emu_define_device(int index, int sm_count, int64_t shared_per_block_optin, int64_t shared_per_sm,
-                      int cooperative_launch) {
+int emu_define_device(int index, int sm_count, int64_t shared_per_block_optin,
+                      int64_t shared_per_sm, int cooperative_launch) {
   cuda_emulation::EmulatedDevice device;
   device.sm_count = sm_count;
   device.shared_memory_per_block_optin = shared_per_block_optin;
@@ -60,12 +67,14 @@ int emu_define_device(int index, int sm_count, int64_t shared_per_block_optin, i
 int emu_plan_fields() { return kPlanFields; }
 
 // The plan the CUDA path would pick on the current emulated device.
-int emu_plan(int scalar_type, int64_t steps, int64_t batch, int64_t hidden, int64_t directions, int regime,
-             int max_slice_width, int64_t* plan_out, char* rejected_out, int rejected_capacity) {
+int emu_plan(int scalar_type, int64_t steps, int64_t batch, int64_t hidden, int64_t directions,
+             int regime, int max_slice_width, int64_t* plan_out, char* rejected_out,
+             int rejected_capacity) {
   gpu::DeviceLimits limits;
   const cudaError_t error = gpu::current_device_limits(&limits);
   if (error != cudaSuccess) return error;
-  const gpu::RecurrenceProblem problem = make_problem(scalar_type, 0, 0, steps, batch, hidden, directions);
+  const gpu::RecurrenceProblem problem =
+      make_problem(scalar_type, 0, 0, steps, batch, hidden, directions);
   gpu::CudaOptions options;
   options.regime = static_cast<gpu::Regime>(regime);
   options.max_slice_width = max_slice_width;
@@ -77,15 +86,17 @@ int emu_plan(int scalar_type, int64_t steps, int64_t batch, int64_t hidden, int6
 
 // One persistent recurrence (forward or backward), planned and launched as the CUDA glue does.
 // Returns a cudaError_t, or -1 when the plan was rejected or is not a persistent regime.
-int emu_run_recurrence(int scalar_type, int relu, int backward, int64_t steps, int64_t batch, int64_t hidden,
-                       int64_t directions, const int64_t* batch_sizes, const int64_t* step_offsets,
-                       const void* weight_hh0, const void* weight_hh1, const void* initial, void* final_state,
-                       void* sequence, const void* grad_output, const void* output, int regime,
-                       int max_slice_width, int64_t* plan_out) {
+int emu_run_recurrence(int scalar_type, int relu, int backward, int64_t steps, int64_t batch,
+                       int64_t hidden, int64_t directions, const int64_t* batch_sizes,
+                       const int64_t* step_offsets, const void* weight_hh0, const void* weight_hh1,
+                       const void* initial, void* final_state, void* sequence,
+                       const void* grad_output, const void* output, int regime, int max_slice_width,
+                       int64_t* plan_out) {
   gpu::DeviceLimits limits;
   cudaError_t error = gpu::current_device_limits(&limits);
   if (error != cudaSuccess) return error;
-  gpu::RecurrenceProblem problem = make_problem(scalar_type, relu, backward, steps, batch, hidden, directions);
+  gpu::RecurrenceProblem problem =
+      make_problem(scalar_type, relu, backward, steps, batch, hidden, directions);
   problem.batch_sizes = batch_sizes;
   problem.step_offsets = step_offsets;
   problem.weight_hh[0] = weight_hh0;
@@ -114,8 +125,9 @@ int emu_run_recurrence(int scalar_type, int relu, int backward, int64_t steps, i
   return 0;
 }
 
-int emu_step_activation(int scalar_type, int relu, void* sequence, int64_t row_offset, int64_t rows, int64_t hidden,
-                        int64_t directions, int64_t direction, void* final_state, int64_t first_final_row) {
+int emu_step_activation(int scalar_type, int relu, void* sequence, int64_t row_offset, int64_t rows,
+                        int64_t hidden, int64_t directions, int64_t direction, void* final_state,
+                        int64_t first_final_row) {
   gpu::StepActivation step;
   step.scalar_type = static_cast<gpu::ScalarType>(scalar_type);
   step.activation = relu ? Activation::Relu : Activation::Tanh;
@@ -130,9 +142,10 @@ int emu_step_activation(int scalar_type, int relu, void* sequence, int64_t row_o
   return gpu::launch_step_activation(step, nullptr);
 }
 
-int emu_step_gradient(int scalar_type, int relu, void* grad_pre, const void* grad_output, const void* output,
-                      int64_t row_offset, int64_t rows, int64_t hidden, int64_t directions, int64_t direction,
-                      const void* carry, const void* grad_final, int64_t first_final_row) {
+int emu_step_gradient(int scalar_type, int relu, void* grad_pre, const void* grad_output,
+                      const void* output, int64_t row_offset, int64_t rows, int64_t hidden,
+                      int64_t directions, int64_t direction, const void* carry,
+                      const void* grad_final, int64_t first_final_row) {
   gpu::StepGradient step;
   step.scalar_type = static_cast<gpu::ScalarType>(scalar_type);
   step.activation = relu ? Activation::Relu : Activation::Tanh;
@@ -151,8 +164,8 @@ int emu_step_gradient(int scalar_type, int relu, void* grad_pre, const void* gra
 }
 
 int emu_gather_previous_states(int scalar_type, void* previous, const void* output, const void* hx,
-                               const int64_t* batch_sizes, const int64_t* step_offsets, int64_t steps,
-                               int64_t batch, int64_t hidden, int64_t directions) {
+                               const int64_t* batch_sizes, const int64_t* step_offsets,
+                               int64_t steps, int64_t batch, int64_t hidden, int64_t directions) {
   gpu::PreviousStates gather;
   gather.scalar_type = static_cast<gpu::ScalarType>(scalar_type);
   gather.previous = previous;

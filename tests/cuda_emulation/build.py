@@ -7,6 +7,7 @@ the emulated runtime, and either the ctypes library the tests load or the Thread
 
 Outputs go to build-emulation/<hash of flags and sources>/, so an unchanged tree is not rebuilt.
 """
+
 import argparse
 import hashlib
 import os
@@ -130,13 +131,17 @@ def run_planted():
             with open(kernels) as f:
                 text = f.read()
             if text.count(before) != 1:
-                raise RuntimeError(f"planted race: the barrier '{what}' is not in the kernel file exactly once")
+                raise RuntimeError(
+                    f"planted race: the barrier '{what}' is not in the kernel file exactly once"
+                )
             with open(kernels, "w") as f:
                 f.write(text.replace(before, after))
             clean, report, code = run_races(csrc)
         caught = "WARNING: ThreadSanitizer: data race" in report
         first = next((line for line in report.splitlines() if "elman_kernels.cuh" in line), "")
-        print(f"planted: removed {what}: {'data race reported' if caught else 'NOT CAUGHT'} (exit code {code})")
+        print(
+            f"planted: removed {what}: {'data race reported' if caught else 'NOT CAUGHT'} (exit code {code})"
+        )
         if first:
             print(f"  first kernel frame: {first.strip()}")
         missed += 0 if caught else 1
@@ -144,7 +149,9 @@ def run_planted():
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("kind", choices=["library", "races", "planted"])
     parser.add_argument("--csrc", help="the csrc tree to build (default: this checkout's)")
     args = parser.parse_args()

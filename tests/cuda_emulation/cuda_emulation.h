@@ -36,7 +36,8 @@ namespace cuda_emulation {
 
 // A reusable barrier that blocks on a condition variable, without spinning: hundreds of emulated
 // threads share a few cores. (std::barrier works too, and TSan accepts it; a mutex is the plainest
-// happens-before edge: everything before any thread's arrival happens before every thread's release.)
+// happens-before edge: everything before any thread's arrival happens before every thread's
+// release.)
 class Barrier {
  public:
   explicit Barrier(size_t count) : count_(count) {}
@@ -64,7 +65,7 @@ class Barrier {
 // One launch as the kernel body sees it, set for each emulated thread before the kernel runs.
 struct ThreadContext {
   Barrier* block_barrier = nullptr;
-  Barrier* grid_barrier = nullptr;  // null outside a cooperative launch
+  Barrier* grid_barrier = nullptr;         // null outside a cooperative launch
   unsigned char* shared_memory = nullptr;  // the block's dynamic shared memory
 };
 
@@ -77,18 +78,20 @@ unsigned char* dynamic_shared_memory();
 // against the emulated device (as the runtime would), then runs `run_thread(context)` once per
 // emulated thread with the index variables set. Returns the launch's error.
 using ThreadBody = void (*)(const void* kernel, const void* args);
-cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes, bool cooperative,
-                     ThreadBody body, const void* args);
+cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes,
+                     bool cooperative, ThreadBody body, const void* args);
 
 template <typename Args>
-cudaError_t launch(void (*kernel)(Args), dim3 grid, dim3 block, size_t shared_bytes, bool cooperative,
-                   const Args& args) {
+cudaError_t launch(void (*kernel)(Args), dim3 grid, dim3 block, size_t shared_bytes,
+                   bool cooperative, const Args& args) {
   const ThreadBody body = [](const void* entry, const void* arguments) {
     // Each emulated thread gets its own copy of the arguments, as each CUDA thread reads them from
     // the constant bank.
-    reinterpret_cast<void (*)(Args)>(const_cast<void*>(entry))(*static_cast<const Args*>(arguments));
+    reinterpret_cast<void (*)(Args)>(const_cast<void*>(entry))(
+        *static_cast<const Args*>(arguments));
   };
-  return run_grid(reinterpret_cast<const void*>(kernel), grid, block, shared_bytes, cooperative, body, &args);
+  return run_grid(reinterpret_cast<const void*>(kernel), grid, block, shared_bytes, cooperative,
+                  body, &args);
 }
 
 }  // namespace cuda_emulation
@@ -101,4 +104,5 @@ inline T __ldcg(const T* address) {
   return *address;
 }
 
-#define RNN_EXT_DYNAMIC_SHARED_MEMORY(name) unsigned char* const name = ::cuda_emulation::dynamic_shared_memory()
+#define RNN_EXT_DYNAMIC_SHARED_MEMORY(name) \
+  unsigned char* const name = ::cuda_emulation::dynamic_shared_memory()

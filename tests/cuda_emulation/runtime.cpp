@@ -1,6 +1,7 @@
 // The emulated CUDA runtime behind cuda_emulation.h: a table of fake devices (the limits a test
 // chooses), the runtime calls the launch code makes (device attributes, the shared-memory opt-in,
-// the occupancy calculator, the last error), and the launch itself, one std::thread per CUDA thread.
+// the occupancy calculator, the last error), and the launch itself, one std::thread per CUDA
+// thread.
 #include "cuda_emulation.h"
 
 #include <atomic>
@@ -60,14 +61,16 @@ int64_t shared_limit(const void* kernel, int device) {
   return found == shared_limits().end() ? 48 * 1024 : found->second;
 }
 
-int occupancy(const EmulatedDevice& device, int64_t kernel_shared_limit, int threads, size_t shared_bytes) {
+int occupancy(const EmulatedDevice& device, int64_t kernel_shared_limit, int threads,
+              size_t shared_bytes) {
   if (threads <= 0 || threads > device.max_threads_per_block) return 0;
   if (static_cast<int64_t>(shared_bytes) > kernel_shared_limit) return 0;
   const int64_t by_threads = device.max_threads_per_sm / threads;
   const int64_t by_registers = device.registers_per_sm / (int64_t(threads) * kRegistersPerThread);
   const int64_t by_shared =
       device.shared_memory_per_sm / (static_cast<int64_t>(shared_bytes) + kReservedSharedPerBlock);
-  return static_cast<int>(std::min({by_threads, by_registers, by_shared, int64_t(device.max_blocks_per_sm)}));
+  return static_cast<int>(
+      std::min({by_threads, by_registers, by_shared, int64_t(device.max_blocks_per_sm)}));
 }
 
 struct Block {
@@ -94,8 +97,8 @@ void grid_sync() {
 
 unsigned char* dynamic_shared_memory() { return current_thread.shared_memory; }
 
-cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes, bool cooperative,
-                     ThreadBody body, const void* args) {
+cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes,
+                     bool cooperative, ThreadBody body, const void* args) {
   const int device_index = current_device.load();
   EmulatedDevice device;
   if (!device_of(device_index, &device)) return fail(cudaErrorInvalidDevice);
@@ -108,7 +111,8 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t shared_by
   if (static_cast<int64_t>(shared_bytes) > kernel_shared_limit) return fail(cudaErrorInvalidValue);
   if (cooperative) {
     if (!device.cooperative_launch) return fail(cudaErrorNotSupported);
-    const int per_sm = occupancy(device, kernel_shared_limit, static_cast<int>(block_threads), shared_bytes);
+    const int per_sm =
+        occupancy(device, kernel_shared_limit, static_cast<int>(block_threads), shared_bytes);
     if (blocks > size_t(per_sm) * device.sm_count) return fail(cudaErrorCooperativeLaunchTooLarge);
   }
 
@@ -118,7 +122,8 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t shared_by
       for (unsigned x = 0; x < grid.x; ++x) order.push_back(dim3(x, y, z));
     }
   }
-  const size_t wave_blocks = cooperative ? blocks : std::max<size_t>(1, kWaveThreads / block_threads);
+  const size_t wave_blocks =
+      cooperative ? blocks : std::max<size_t>(1, kWaveThreads / block_threads);
   for (size_t first = 0; first < blocks; first += wave_blocks) {
     const size_t count = std::min(wave_blocks, blocks - first);
     std::unique_ptr<Barrier> grid_barrier;
@@ -140,17 +145,17 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t shared_by
       for (unsigned z = 0; z < block.z; ++z) {
         for (unsigned y = 0; y < block.y; ++y) {
           for (unsigned x = 0; x < block.x; ++x) {
-            threads.emplace_back([&, x, y, z, block_index = b.index, shared = b.shared,
-                                  barrier = b.barrier.get()] {
-              threadIdx = uint3{x, y, z};
-              blockIdx = uint3{block_index.x, block_index.y, block_index.z};
-              blockDim = block;
-              gridDim = grid;
-              current_thread.block_barrier = barrier;
-              current_thread.grid_barrier = grid_barrier.get();
-              current_thread.shared_memory = shared;
-              body(kernel, args);
-            });
+            threads.emplace_back(
+                [&, x, y, z, block_index = b.index, shared = b.shared, barrier = b.barrier.get()] {
+                  threadIdx = uint3{x, y, z};
+                  blockIdx = uint3{block_index.x, block_index.y, block_index.z};
+                  blockDim = block;
+                  gridDim = grid;
+                  current_thread.block_barrier = barrier;
+                  current_thread.grid_barrier = grid_barrier.get();
+                  current_thread.shared_memory = shared;
+                  body(kernel, args);
+                });
           }
         }
       }
@@ -166,8 +171,8 @@ using cuda_emulation::current_device;
 using cuda_emulation::EmulatedDevice;
 using cuda_emulation::fail;
 
-// The runtime calls the launch code makes, with the C signatures of cuda_runtime_api.h (no libcudart
-// is linked).
+// The runtime calls the launch code makes, with the C signatures of cuda_runtime_api.h (no
+// libcudart is linked).
 extern "C" {
 
 cudaError_t cudaGetDevice(int* device) {
@@ -186,11 +191,20 @@ cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attribute, in
   EmulatedDevice d;
   if (!cuda_emulation::device_of(device, &d)) return fail(cudaErrorInvalidDevice);
   switch (attribute) {
-    case cudaDevAttrMultiProcessorCount: *value = d.sm_count; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(d.shared_memory_per_block_optin); return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = static_cast<int>(d.shared_memory_per_sm); return cudaSuccess;
-    case cudaDevAttrCooperativeLaunch: *value = d.cooperative_launch ? 1 : 0; return cudaSuccess;
-    default: return fail(cudaErrorInvalidValue);
+    case cudaDevAttrMultiProcessorCount:
+      *value = d.sm_count;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = static_cast<int>(d.shared_memory_per_block_optin);
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor:
+      *value = static_cast<int>(d.shared_memory_per_sm);
+      return cudaSuccess;
+    case cudaDevAttrCooperativeLaunch:
+      *value = d.cooperative_launch ? 1 : 0;
+      return cudaSuccess;
+    default:
+      return fail(cudaErrorInvalidValue);
   }
 }
 
@@ -205,13 +219,14 @@ cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attrib
   return cudaSuccess;
 }
 
-cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void* func, int block_size,
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void* func,
+                                                          int block_size,
                                                           size_t dynamic_shared_bytes) {
   const int device_index = current_device.load();
   EmulatedDevice d;
   if (!cuda_emulation::device_of(device_index, &d)) return fail(cudaErrorInvalidDevice);
-  *blocks = cuda_emulation::occupancy(d, cuda_emulation::shared_limit(func, device_index), block_size,
-                                      dynamic_shared_bytes);
+  *blocks = cuda_emulation::occupancy(d, cuda_emulation::shared_limit(func, device_index),
+                                      block_size, dynamic_shared_bytes);
   return cudaSuccess;
 }
 

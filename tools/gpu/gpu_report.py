@@ -11,6 +11,7 @@ device probe, the ptxas report, the op-kernel check and the JSON record of a GPU
 Only `probe` and `ops` import torch: the record is rewritten after every stage of a GPU run and must
 stay cheap and work whatever state the run is in.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -103,7 +104,9 @@ def driver_attributes(ordinal: int = 0) -> dict:
     version = ctypes.c_int()
     if driver.cuDriverGetVersion(ctypes.byref(version)) == 0:
         result["driver_cuda_version"] = f"{version.value // 1000}.{version.value % 1000 // 10}"
-    result["cooperative_launch"] = None if result["cooperative_launch"] is None else bool(result["cooperative_launch"])
+    result["cooperative_launch"] = (
+        None if result["cooperative_launch"] is None else bool(result["cooperative_launch"])
+    )
     return result
 
 
@@ -155,8 +158,10 @@ def probe_into(info: dict) -> int:
     plugins = ("pytest", "pytest-xdist", "pytest-timeout", "hypothesis", "expecttest")
     for package in plugins + ("numpy", "ninja"):
         versions[package] = package_version(package)
-    say(f"nvcc {versions['nvcc']}, compute-sanitizer {versions['compute_sanitizer']}, "
-        f"driver {versions['driver']}, python {versions['python']}")
+    say(
+        f"nvcc {versions['nvcc']}, compute-sanitizer {versions['compute_sanitizer']}, "
+        f"driver {versions['driver']}, python {versions['python']}"
+    )
     say("packages: " + ", ".join(f"{name} {versions[name]}" for name in plugins))
     if versions["expecttest"] is None:
         info["problems"].append("expecttest is missing: torch.library.opcheck tests skip")
@@ -167,22 +172,26 @@ def probe_into(info: dict) -> int:
     versions["cuda_runtime"] = torch.version.cuda
     versions["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     cuda = torch.cuda.is_available()
-    say(f"torch {versions['torch']}, CUDA runtime {versions['cuda_runtime']}, cuDNN {versions['cudnn']}, "
-        f"CUDA available: {cuda}")
+    say(
+        f"torch {versions['torch']}, CUDA runtime {versions['cuda_runtime']}, cuDNN {versions['cudnn']}, "
+        f"CUDA available: {cuda}"
+    )
     if not cuda:
         info["problems"].append("torch sees no CUDA device")
     else:
         properties = torch.cuda.get_device_properties(0)
         device = info["device"]
-        device.update({
-            "name": properties.name,
-            "capability": f"{properties.major}.{properties.minor}",
-            "sm_count": properties.multi_processor_count,
-            "total_memory_bytes": properties.total_memory,
-            "shared_memory_per_block": getattr(properties, "shared_memory_per_block", None),
-            "shared_memory_per_block_optin": getattr(properties, "shared_memory_per_block_optin", None),
-            "device_count": torch.cuda.device_count(),
-        })
+        device.update(
+            {
+                "name": properties.name,
+                "capability": f"{properties.major}.{properties.minor}",
+                "sm_count": properties.multi_processor_count,
+                "total_memory_bytes": properties.total_memory,
+                "shared_memory_per_block": getattr(properties, "shared_memory_per_block", None),
+                "shared_memory_per_block_optin": getattr(properties, "shared_memory_per_block_optin", None),
+                "device_count": torch.cuda.device_count(),
+            }
+        )
         driver = driver_attributes(0)
         if "error" in driver:
             info["problems"].append(driver["error"])
@@ -192,9 +201,12 @@ def probe_into(info: dict) -> int:
                     device[key] = value
                 elif device[key] != value:
                     info["problems"].append(f"{key}: torch says {device[key]}, the driver {value}")
-        say(f"device: {device['name']} (sm_{properties.major}{properties.minor}), {device['sm_count']} SMs, "
+        say(
+            f"device: {device['name']} (sm_{properties.major}{properties.minor}), {device['sm_count']} SMs, "
             f"{device['total_memory_bytes'] / 2**30:.0f} GiB, shared memory per block opt-in "
-            f"{device.get('shared_memory_per_block_optin')} B, cooperative launch {device.get('cooperative_launch')}")
+            f"{device.get('shared_memory_per_block_optin')} B, "
+            f"cooperative launch {device.get('cooperative_launch')}"
+        )
         touch_device(torch)
     for problem in info["problems"]:
         say(f"PROBLEM: {problem}")
@@ -253,8 +265,17 @@ def ptxas_report(log_text: str) -> dict:
         if match and entry is not None:
             shared = PTXAS_SHARED.search(line)
             stack, spill_stores, spill_loads = frame or (0, 0, 0)
-            rows.append((entry[0], entry[1], int(match.group(1)), spill_stores, spill_loads, stack,
-                         int(shared.group(1)) if shared else 0))
+            rows.append(
+                (
+                    entry[0],
+                    entry[1],
+                    int(match.group(1)),
+                    spill_stores,
+                    spill_loads,
+                    stack,
+                    int(shared.group(1)) if shared else 0,
+                )
+            )
             entry = frame = None
     names = demangle([row[0] for row in rows])
     report = {}
@@ -274,8 +295,10 @@ def ptxas_report(log_text: str) -> dict:
 def format_ptxas(report: dict) -> str:
     lines = [f"{'registers':>9} {'spill st':>8} {'spill ld':>8} {'stack':>6}  kernel"]
     for name, row in sorted(report.items()):
-        lines.append(f"{row['registers']:>9} {row['spill_stores']:>8} {row['spill_loads']:>8} "
-                     f"{row['stack_frame']:>6}  {name}")
+        lines.append(
+            f"{row['registers']:>9} {row['spill_stores']:>8} {row['spill_loads']:>8} "
+            f"{row['stack_frame']:>6}  {name}"
+        )
     if not report:
         lines.append("(no ptxas -v lines in the build log)")
     return "\n".join(lines) + "\n"
@@ -300,8 +323,14 @@ def check_ops() -> int:
     missing = []
     for name in names:
         # A composite kernel (defined from other ops) serves every backend, CUDA included.
-        composite = next((key for key in ("CompositeExplicitAutograd", "CompositeImplicitAutograd")
-                          if torch._C._dispatch_has_kernel_for_dispatch_key(name, key)), None)
+        composite = next(
+            (
+                key
+                for key in ("CompositeExplicitAutograd", "CompositeImplicitAutograd")
+                if torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+            ),
+            None,
+        )
         has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
         kind = "CUDA kernel" if has_kernel else f"{composite} kernel" if composite else "NO CUDA kernel"
         print(f"check-cuda: {name}: {kind}")
@@ -354,15 +383,20 @@ def junit_counts(path: Path) -> dict | None:
         counts["seconds"] += float(suite.get("time", 0) or 0)
     counts["passed"] = counts["tests"] - counts["failed"] - counts["errors"] - counts["skipped"]
     counts["seconds"] = round(counts["seconds"], 1)
-    bad = [f"{case.get('classname')}::{case.get('name')}" for case in root.iter("testcase")
-           if any(child.tag in ("failure", "error") for child in case)]
+    bad = [
+        f"{case.get('classname')}::{case.get('name')}"
+        for case in root.iter("testcase")
+        if any(child.tag in ("failure", "error") for child in case)
+    ]
     counts["not_passed"] = bad[:30]
     counts["complete"] = True
     return counts
 
 
 PYTEST_OUTCOME = re.compile(
-    r"(?:(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (tests/\S+::\S+))|(?:(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS))")
+    r"(?:(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (tests/\S+::\S+))"
+    r"|(?:(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS))"
+)
 
 
 def pytest_log_counts(text: str) -> dict | None:
@@ -370,13 +404,21 @@ def pytest_log_counts(text: str) -> dict | None:
     lines: "tests/x.py::t[a] PASSED", or with pytest-xdist "[gw0] [ 5%] PASSED tests/x.py::t[a]"."""
     outcomes = {}
     for match in PYTEST_OUTCOME.finditer(text):
-        outcome, test = (match.group(1), match.group(2)) if match.group(1) else (match.group(4), match.group(3))
+        outcome, test = (
+            (match.group(1), match.group(2)) if match.group(1) else (match.group(4), match.group(3))
+        )
         outcomes[test] = outcome
     if not outcomes:
         return None
     counts = {"complete": False, "passed": 0, "failed": 0, "errors": 0, "skipped": 0}
-    key = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "errors", "SKIPPED": "skipped",
-           "XFAIL": "skipped"}
+    key = {
+        "PASSED": "passed",
+        "XPASS": "passed",
+        "FAILED": "failed",
+        "ERROR": "errors",
+        "SKIPPED": "skipped",
+        "XFAIL": "skipped",
+    }
     for outcome in outcomes.values():
         counts[key[outcome]] += 1
     counts["tests"] = sum(counts[k] for k in ("passed", "failed", "errors", "skipped"))
@@ -434,14 +476,24 @@ def bench_result(logs: Path, dtype: str):
 
 def git_commit(root: Path) -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def build_record(logs: Path, stamp: str, name: str, root: Path = REPO, budget: int | None = None,
-                 elapsed: int | None = None) -> dict:
+def build_record(
+    logs: Path,
+    stamp: str,
+    name: str,
+    root: Path = REPO,
+    budget: int | None = None,
+    elapsed: int | None = None,
+) -> dict:
     """Everything a GPU run found, from the files its stages left in `logs`."""
     try:
         preflight = json.loads((logs / "preflight.json").read_text())
@@ -460,8 +512,11 @@ def build_record(logs: Path, stamp: str, name: str, root: Path = REPO, budget: i
         "versions": preflight.get("versions", {}),
         "device": preflight.get("device", {}),
         "preflight_problems": preflight.get("problems", []),
-        "tests": {stage: junit_counts(logs / f"junit-{stage}.xml")
-                  or pytest_log_counts(read_text(logs / f"{stage}.log")) for stage in PYTEST_STAGES},
+        "tests": {
+            stage: junit_counts(logs / f"junit-{stage}.xml")
+            or pytest_log_counts(read_text(logs / f"{stage}.log"))
+            for stage in PYTEST_STAGES
+        },
         "smoke": {regime: smoke_result(logs, regime) for regime in REGIMES},
         "sanitizer": {tool: sanitizer_result(logs, tool) for tool in SANITIZER_TOOLS},
         "ptxas": ptxas_report(read_text(logs / "build.log")),
@@ -483,33 +538,45 @@ def write_record(record: dict, out_dirs: list[Path]) -> list[Path]:
 
 def summary(record: dict) -> str:
     """The record in a few lines, for the end of a run's console output."""
-    lines = [f"gpu_check {record['stamp']} on {record['gpu']}, csrc {record['csrc_sha256'][:16]}, "
-             f"{record.get('elapsed_s')} s of {record.get('budget_s')} s"]
+    lines = [
+        f"gpu_check {record['stamp']} on {record['gpu']}, csrc {record['csrc_sha256'][:16]}, "
+        f"{record.get('elapsed_s')} s of {record.get('budget_s')} s"
+    ]
     for stage in record["stages"]:
         if stage["status"] == "skipped":
             lines.append(f"  {stage['stage']:<20} skipped: {stage['note']}")
         else:
-            lines.append(f"  {stage['stage']:<20} {stage['status']:<8} rc={stage['rc']!s:<4} "
-                         f"{stage['seconds']!s:>4} s of {stage['limit']!s:>4} s  {stage['note']}".rstrip())
+            lines.append(
+                f"  {stage['stage']:<20} {stage['status']:<8} rc={stage['rc']!s:<4} "
+                f"{stage['seconds']!s:>4} s of {stage['limit']!s:>4} s  {stage['note']}".rstrip()
+            )
     for regime, result in record["smoke"].items():
         if result:
-            lines.append(f"  smoke {regime}: {result.get('status', '?')} "
-                         f"(max relative error {result.get('max_relative_error', '?')})")
+            lines.append(
+                f"  smoke {regime}: {result.get('status', '?')} "
+                f"(max relative error {result.get('max_relative_error', '?')})"
+            )
     for stage, counts in record["tests"].items():
         if counts and "tests" in counts:
-            lines.append(f"  {stage}: {counts['passed']} passed, {counts['failed']} failed, "
-                         f"{counts['errors']} errors, {counts['skipped']} skipped"
-                         + ("" if counts["complete"] else " (cut short: counted from its log)"))
+            lines.append(
+                f"  {stage}: {counts['passed']} passed, {counts['failed']} failed, "
+                f"{counts['errors']} errors, {counts['skipped']} skipped"
+                + ("" if counts["complete"] else " (cut short: counted from its log)")
+            )
     for tool, result in record["sanitizer"].items():
         if result:
-            lines.append(f"  {tool}: errors {result['errors']}, hazards {result['hazards']}, cases "
-                         f"{result['cases_matching']}/{result['cases']}, last started {result['last_case_started']}")
+            lines.append(
+                f"  {tool}: errors {result['errors']}, hazards {result['hazards']}, cases "
+                f"{result['cases_matching']}/{result['cases']}, last started {result['last_case_started']}"
+            )
     for dtype, bench in record["bench"].items():
         if isinstance(bench, dict) and isinstance(bench.get("results"), list):
             ratios = [r.get("ratio") for r in bench["results"] if isinstance(r, dict) and r.get("ratio")]
             if ratios:
-                lines.append(f"  bench {dtype}: {len(ratios)} timings, cuDNN/rnn_ext ratio "
-                             f"{min(ratios):.2f}..{max(ratios):.2f}")
+                lines.append(
+                    f"  bench {dtype}: {len(ratios)} timings, cuDNN/rnn_ext ratio "
+                    f"{min(ratios):.2f}..{max(ratios):.2f}"
+                )
     spills = [name for name, row in record["ptxas"].items() if row["spill_stores"] or row["spill_loads"]]
     if record["ptxas"]:
         lines.append(f"  ptxas: {len(record['ptxas'])} kernels, spilling: {', '.join(spills) or 'none'}")

@@ -7,19 +7,21 @@ the forward or the backward hung.
 
 The last line is "smoke: regime=... status=ok|mismatch|error max_relative_error=... seconds=...".
 """
+
 import argparse
 import sys
 import time
 
 import torch
-
 from sanitizer_cases import REGIMES, Case, check_case
 
 # float32, both directions, a batch of several register tiles; the cooperative one is capped at 32
 # units per block so that its 128 units span 4 blocks per direction exchanging states.
 SMOKE = {
     "single_block": Case("smoke_single_block", "single_block", "float32", 16, 11, 32, 128, directions=2),
-    "cooperative": Case("smoke_cooperative", "cooperative", "float32", 16, 11, 32, 128, directions=2, max_slice=32),
+    "cooperative": Case(
+        "smoke_cooperative", "cooperative", "float32", 16, 11, 32, 128, directions=2, max_slice=32
+    ),
     "step_gemm": Case("smoke_step_gemm", "step_gemm", "float32", 16, 11, 32, 128, directions=2),
 }
 
@@ -43,17 +45,27 @@ def main() -> int:
         torch.cuda.synchronize()
         say(f"{args.regime}: {stage} finished after {time.monotonic() - begin:.2f} s")
 
-    say(f"{args.regime}: T={case.steps} B={case.batch} I={case.input_size} H={case.hidden} "
-        f"directions={case.directions} {case.dtype}")
+    say(
+        f"{args.regime}: T={case.steps} B={case.batch} I={case.input_size} H={case.hidden} "
+        f"directions={case.directions} {case.dtype}"
+    )
     try:
-        ok, error = check_case(case, seed=0, sm_count=torch.cuda.get_device_properties(0).multi_processor_count,
-                               synchronize=progress)
+        ok, error = check_case(
+            case,
+            seed=0,
+            sm_count=torch.cuda.get_device_properties(0).multi_processor_count,
+            synchronize=progress,
+        )
     except RuntimeError as exception:
-        say(f"regime={args.regime} status=error seconds={time.monotonic() - begin:.2f} "
-            f"reason={str(exception).splitlines()[0].replace(' ', '_')}")
+        say(
+            f"regime={args.regime} status=error seconds={time.monotonic() - begin:.2f} "
+            f"reason={str(exception).splitlines()[0].replace(' ', '_')}"
+        )
         return 1
-    say(f"regime={args.regime} status={'ok' if ok else 'mismatch'} max_relative_error={error:.2e} "
-        f"seconds={time.monotonic() - begin:.2f}")
+    say(
+        f"regime={args.regime} status={'ok' if ok else 'mismatch'} max_relative_error={error:.2e} "
+        f"seconds={time.monotonic() - begin:.2f}"
+    )
     return 0 if ok else 1
 
 

@@ -5,6 +5,7 @@ under the sanitizer is named, and exits non-zero on a mismatch or an error.
 
     python tools/gpu/sanitizer_cases.py [--cases NAME,...] [--skip-regimes REGIME,...] [--list]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,12 @@ from dataclasses import dataclass
 import torch
 
 REGIMES = ("single_block", "cooperative", "step_gemm")
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-          "bfloat16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 # Relative to max(1, max |truth|), truth = the float64 CPU op on the arguments rounded to the dtype.
 # The half types store every step's state in 11 or 8 bits and carry the rounding on.
 TOLERANCE = {"float64": 1e-10, "float32": 2e-5, "float16": 1e-2, "bfloat16": 3e-2}
@@ -54,32 +59,161 @@ class Case:
 # 4 (the kernels pad states to quads); cooperative cases cap the slice width so that small layers
 # still span several blocks that exchange their states through the grid.
 CASES = [
-    Case("single_block_h21_bidirectional", "single_block", "float32", 5, 3, 4, 21, directions=2,
-         covers="H % 4 != 0, both directions in one launch"),
-    Case("single_block_h21_packed_groups", "single_block", "float32", 6, 19, 5, 21, directions=2,
-         packed=True, relu=True, covers="packed input, several batch groups, a partial last tile"),
-    Case("single_block_h200_optin", "single_block", "float32", 4, 2, 8, 200,
-         covers="W_hh of 160 KB: dynamic shared memory past 48 KB (the opt-in)"),
-    Case("single_block_h40_float64", "single_block", "float64", 5, 3, 4, 40, directions=2, relu=True,
-         covers="float64"),
-    Case("single_block_h36_bfloat16_packed", "single_block", "bfloat16", 5, 5, 6, 36, directions=2,
-         packed=True, covers="bfloat16, packed"),
-    Case("single_block_h36_float16_no_bias", "single_block", "float16", 5, 3, 6, 36, bias=False,
-         covers="float16, no bias"),
-    Case("cooperative_h21_bidirectional", "cooperative", "float32", 5, 3, 4, 21, directions=2,
-         max_slice=8, covers="3 slices per direction, both directions in one grid, H % 4 != 0"),
-    Case("cooperative_h600_row_tiles", "cooperative", "float32", 3, 20, 8, 600,
-         max_slice=MAX_SLICE_CHIP_WIDE, covers="one batch group: each block walks 3 register tiles (8+8+4)"),
-    Case("cooperative_h600_split_directions", "cooperative", "float32", 3, 4, 8, 600, directions=2,
-         max_slice=MAX_SLICE_CHIP_WIDE, covers="directions too wide to share the chip: one launch each"),
-    Case("cooperative_h48_float64_packed", "cooperative", "float64", 5, 6, 4, 48, directions=2,
-         packed=True, max_slice=16, covers="float64, packed"),
-    Case("cooperative_h40_bfloat16", "cooperative", "bfloat16", 5, 4, 5, 40, directions=2, relu=True,
-         max_slice=16, covers="bfloat16"),
-    Case("cooperative_h40_float16_packed", "cooperative", "float16", 5, 5, 5, 40, packed=True,
-         max_slice=16, covers="float16, packed"),
-    Case("step_gemm_h21_packed", "step_gemm", "float32", 5, 5, 4, 21, directions=2, packed=True,
-         relu=True, covers="per-step GEMM and pointwise kernels, packed, previous-state gather"),
+    Case(
+        "single_block_h21_bidirectional",
+        "single_block",
+        "float32",
+        5,
+        3,
+        4,
+        21,
+        directions=2,
+        covers="H % 4 != 0, both directions in one launch",
+    ),
+    Case(
+        "single_block_h21_packed_groups",
+        "single_block",
+        "float32",
+        6,
+        19,
+        5,
+        21,
+        directions=2,
+        packed=True,
+        relu=True,
+        covers="packed input, several batch groups, a partial last tile",
+    ),
+    Case(
+        "single_block_h200_optin",
+        "single_block",
+        "float32",
+        4,
+        2,
+        8,
+        200,
+        covers="W_hh of 160 KB: dynamic shared memory past 48 KB (the opt-in)",
+    ),
+    Case(
+        "single_block_h40_float64",
+        "single_block",
+        "float64",
+        5,
+        3,
+        4,
+        40,
+        directions=2,
+        relu=True,
+        covers="float64",
+    ),
+    Case(
+        "single_block_h36_bfloat16_packed",
+        "single_block",
+        "bfloat16",
+        5,
+        5,
+        6,
+        36,
+        directions=2,
+        packed=True,
+        covers="bfloat16, packed",
+    ),
+    Case(
+        "single_block_h36_float16_no_bias",
+        "single_block",
+        "float16",
+        5,
+        3,
+        6,
+        36,
+        bias=False,
+        covers="float16, no bias",
+    ),
+    Case(
+        "cooperative_h21_bidirectional",
+        "cooperative",
+        "float32",
+        5,
+        3,
+        4,
+        21,
+        directions=2,
+        max_slice=8,
+        covers="3 slices per direction, both directions in one grid, H % 4 != 0",
+    ),
+    Case(
+        "cooperative_h600_row_tiles",
+        "cooperative",
+        "float32",
+        3,
+        20,
+        8,
+        600,
+        max_slice=MAX_SLICE_CHIP_WIDE,
+        covers="one batch group: each block walks 3 register tiles (8+8+4)",
+    ),
+    Case(
+        "cooperative_h600_split_directions",
+        "cooperative",
+        "float32",
+        3,
+        4,
+        8,
+        600,
+        directions=2,
+        max_slice=MAX_SLICE_CHIP_WIDE,
+        covers="directions too wide to share the chip: one launch each",
+    ),
+    Case(
+        "cooperative_h48_float64_packed",
+        "cooperative",
+        "float64",
+        5,
+        6,
+        4,
+        48,
+        directions=2,
+        packed=True,
+        max_slice=16,
+        covers="float64, packed",
+    ),
+    Case(
+        "cooperative_h40_bfloat16",
+        "cooperative",
+        "bfloat16",
+        5,
+        4,
+        5,
+        40,
+        directions=2,
+        relu=True,
+        max_slice=16,
+        covers="bfloat16",
+    ),
+    Case(
+        "cooperative_h40_float16_packed",
+        "cooperative",
+        "float16",
+        5,
+        5,
+        5,
+        40,
+        packed=True,
+        max_slice=16,
+        covers="float16, packed",
+    ),
+    Case(
+        "step_gemm_h21_packed",
+        "step_gemm",
+        "float32",
+        5,
+        5,
+        4,
+        21,
+        directions=2,
+        packed=True,
+        relu=True,
+        covers="per-step GEMM and pointwise kernels, packed, previous-state gather",
+    ),
     Case("step_gemm_h24_float64", "step_gemm", "float64", 4, 3, 4, 24, bias=False, covers="float64, no bias"),
     Case("step_gemm_h40_bfloat16", "step_gemm", "bfloat16", 5, 3, 4, 40, directions=2, covers="bfloat16"),
     Case("step_gemm_h40_float16_packed", "step_gemm", "float16", 5, 4, 4, 40, packed=True, covers="float16"),
@@ -99,7 +233,9 @@ def layer_arguments(case: Case, seed: int):
     if not case.packed:
         input = torch.randn(case.steps, case.batch, case.input_size, generator=generator, dtype=torch.float64)
         return input, hx, weights, None
-    lengths = torch.randint(1, case.steps + 1, (case.batch,), generator=generator).sort(descending=True).values
+    lengths = (
+        torch.randint(1, case.steps + 1, (case.batch,), generator=generator).sort(descending=True).values
+    )
     lengths[0] = case.steps
     batch_sizes = torch.tensor([int((lengths > t).sum()) for t in range(case.steps)], dtype=torch.int64)
     input = torch.randn(int(batch_sizes.sum()), case.input_size, generator=generator, dtype=torch.float64)
@@ -118,7 +254,9 @@ def forward_backward(device, dtype, arguments, relu, seed, seed_dtype, synchroni
     if synchronize:
         synchronize("forward")
     generator = torch.Generator().manual_seed(seed + 1)
-    seeds = [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(seed_dtype) for t in (output, h_n)]
+    seeds = [
+        torch.randn(t.shape, generator=generator, dtype=torch.float64).to(seed_dtype) for t in (output, h_n)
+    ]
     grads = torch.autograd.grad((output, h_n), leaves, [s.to(device, dtype) for s in seeds])
     if synchronize:
         synchronize("backward")
@@ -149,7 +287,12 @@ def check_case(case: Case, seed: int, sm_count: int, synchronize=None, device="c
     dtype = DTYPES[case.dtype]
     arguments = layer_arguments(case, seed)
     input, hx, weights, batch_sizes = arguments
-    rounded = (input.to(dtype).double(), hx.to(dtype).double(), [w.to(dtype).double() for w in weights], batch_sizes)
+    rounded = (
+        input.to(dtype).double(),
+        hx.to(dtype).double(),
+        [w.to(dtype).double() for w in weights],
+        batch_sizes,
+    )
     expected = forward_backward("cpu", torch.float64, rounded, case.relu, seed, dtype)
     actual = forward_backward(device, dtype, arguments, case.relu, seed, dtype, synchronize)
     error = relative_error(actual, expected)
@@ -197,7 +340,9 @@ def main() -> int:
         except RuntimeError as exception:
             ok, detail = False, f"error: {exception}"
         failures += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} {case.name} {detail}, {time.monotonic() - begin:.1f} s", flush=True)
+        print(
+            f"{'ok  ' if ok else 'FAIL'} {case.name} {detail}, {time.monotonic() - begin:.1f} s", flush=True
+        )
     print(f"sanitizer_cases: {len(cases) - failures} of {len(cases)} cases match the CPU", flush=True)
     return 1 if failures else 0
 

@@ -1,6 +1,7 @@
 """The GPU-run harness without a GPU: tools/gpu/gpu_check.sh's dry run (stages, order, timeouts,
 budget), the sanitizer case list, the csrc/ hash against its shell pipeline, the JSON record from
 fake stage outputs, and make check-cuda's loud skip without nvcc."""
+
 import functools
 import importlib.util
 import json
@@ -19,8 +20,19 @@ REPO = Path(__file__).resolve().parents[3]
 TOOLS = REPO / "tools" / "gpu"
 GPU_CHECK = TOOLS / "gpu_check.sh"
 STAGES = [
-    "wheels", "preflight", "build", "smoke_single_block", "smoke_cooperative", "smoke_step_gemm",
-    "test_cuda", "memcheck", "racecheck", "synccheck", "bench_float32", "tests_rest", "bench_float16",
+    "wheels",
+    "preflight",
+    "build",
+    "smoke_single_block",
+    "smoke_cooperative",
+    "smoke_step_gemm",
+    "test_cuda",
+    "memcheck",
+    "racecheck",
+    "synccheck",
+    "bench_float32",
+    "tests_rest",
+    "bench_float16",
     "bench_bfloat16",
 ]
 KILL_AFTER = 5
@@ -53,8 +65,9 @@ def cached_dry_run(args, budget, out):
         env["GPU_CHECK_BUDGET_S"] = str(budget)
     if out is not None:
         env["OUT"] = str(out)
-    done = subprocess.run(["bash", str(GPU_CHECK), "--dry-run", *args], capture_output=True, text=True,
-                          env=env, timeout=60)
+    done = subprocess.run(
+        ["bash", str(GPU_CHECK), "--dry-run", *args], capture_output=True, text=True, env=env, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     stages = [STAGE_LINE.match(line).groups() for line in done.stdout.splitlines() if STAGE_LINE.match(line)]
     totals = [TOTAL_LINE.match(line).groups() for line in done.stdout.splitlines() if TOTAL_LINE.match(line)]
@@ -126,8 +139,12 @@ def test_only_selects_stages_and_rejects_unknown_ones():
     _, stages, _ = dry_run("--only", "build,memcheck")
     selected = [name for _, name, *_, worst, _ in stages if worst != "not-selected"]
     assert selected == ["wheels", "preflight", "build", "memcheck"]  # preflight always runs
-    done = subprocess.run(["bash", str(GPU_CHECK), "--dry-run", "--only", "build,nonsense"],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["bash", str(GPU_CHECK), "--dry-run", "--only", "build,nonsense"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and "nonsense" in done.stderr
 
 
@@ -162,8 +179,9 @@ def test_sanitizer_cases_cover_each_regime_in_every_dtype_packed_and_odd_hidden(
 
 def test_sanitizer_cases_cover_the_shared_memory_opt_in():
     # One block's W_hh past the 48 KB every kernel gets without cudaFuncSetAttribute.
-    optin = cases_where(regime=lambda r: r == "single_block", dtype=lambda d: d == "float32",
-                        hidden=lambda h: h == 200)
+    optin = cases_where(
+        regime=lambda r: r == "single_block", dtype=lambda d: d == "float32", hidden=lambda h: h == 200
+    )
     assert optin and all(case.hidden**2 * 4 > 48 * 1024 for case in optin)
 
 
@@ -183,8 +201,11 @@ def cooperative_layout(case, sm_count):
 
 @pytest.mark.parametrize("sm_count", [132, 114])  # H200 / H100 SXM, H100 PCIe
 def test_sanitizer_cases_cover_cooperative_row_tiles_and_split_directions(sm_count):
-    wide = cases_where(regime=lambda r: r == "cooperative", hidden=lambda h: h == 600,
-                       max_slice=lambda m: m == sanitizer_cases.MAX_SLICE_CHIP_WIDE)
+    wide = cases_where(
+        regime=lambda r: r == "cooperative",
+        hidden=lambda h: h == 600,
+        max_slice=lambda m: m == sanitizer_cases.MAX_SLICE_CHIP_WIDE,
+    )
     one = [c for c in wide if c.directions == 1]
     two = [c for c in wide if c.directions == 2]
     assert one and two
@@ -232,7 +253,9 @@ PIPELINE = "find csrc -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cu
 
 
 def shell_hash(root):
-    return subprocess.run(PIPELINE, shell=True, cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        PIPELINE, shell=True, cwd=root, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def test_csrc_hash_matches_the_shell_pipeline_on_the_sources():
@@ -242,8 +265,15 @@ def test_csrc_hash_matches_the_shell_pipeline_on_the_sources():
 def test_csrc_hash_matches_the_shell_pipeline_on_awkward_trees(tmp_path):
     # Byte order (upper case, '_', '-', '.' sort differently in other locales), nesting, an empty
     # file, and a symbolic link, which find -type f leaves out.
-    files = {"csrc/b.cpp": "b", "csrc/B.h": "B", "csrc/_x.h": "", "csrc/a-b/z.cu": "z", "csrc/a.b/y": "y",
-             "csrc/a/Z.cpp": "Z\n", "csrc/a/z.cpp": "z\n"}
+    files = {
+        "csrc/b.cpp": "b",
+        "csrc/B.h": "B",
+        "csrc/_x.h": "",
+        "csrc/a-b/z.cu": "z",
+        "csrc/a.b/y": "y",
+        "csrc/a/Z.cpp": "Z\n",
+        "csrc/a/z.cpp": "z\n",
+    }
     for name, text in files.items():
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -272,11 +302,15 @@ ptxas info    : Function properties for step_activation_kernel
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 24 registers, used 0 barriers, 64 bytes smem, 400 bytes cmem[0]
 """
-JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="0" failures="1"
-skipped="1" tests="3" time="12.5"><testcase classname="tests.test_cuda" name="test_a[cooperative]" time="1"/>
-<testcase classname="tests.test_cuda" name="test_b[step_gemm]" time="1"><failure message="x">x</failure></testcase>
-<testcase classname="tests.test_cuda" name="test_c" time="0"><skipped message="y"/></testcase></testsuite></testsuites>
-"""
+JUNIT = (
+    '<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="0" failures="1"\n'
+    'skipped="1" tests="3" time="12.5">'
+    '<testcase classname="tests.test_cuda" name="test_a[cooperative]" time="1"/>\n'
+    '<testcase classname="tests.test_cuda" name="test_b[step_gemm]" time="1">'
+    '<failure message="x">x</failure></testcase>\n'
+    '<testcase classname="tests.test_cuda" name="test_c" time="0"><skipped message="y"/></testcase>'
+    "</testsuite></testsuites>\n"
+)
 
 
 def fake_run(tmp_path):
@@ -287,34 +321,60 @@ def fake_run(tmp_path):
     (root / "setup.py").write_text("# setup\n")
     logs = tmp_path / "logs"
     logs.mkdir()
-    rows = [("preflight", "ok", "0", "8", "30", ""), ("build", "ok", "0", "95", "240", ""),
-            ("smoke_cooperative", "failed", "1", "9", "45", ""),
-            ("synccheck", "timeout", "124", "60", "60", ""),
-            ("bench_float16", "skipped", "", "0", "", "budget: 12 s left, needs 30 s")]
+    rows = [
+        ("preflight", "ok", "0", "8", "30", ""),
+        ("build", "ok", "0", "95", "240", ""),
+        ("smoke_cooperative", "failed", "1", "9", "45", ""),
+        ("synccheck", "timeout", "124", "60", "60", ""),
+        ("bench_float16", "skipped", "", "0", "", "budget: 12 s left, needs 30 s"),
+    ]
     (logs / "stages.tsv").write_text(
-        "stage\tstatus\trc\tseconds\tlimit\tnote\n" + "".join("\t".join(row) + "\n" for row in rows))
-    (logs / "preflight.json").write_text(json.dumps({
-        "versions": {"torch": "2.11.0+cu130", "cuda_runtime": "13.0", "nvcc": "13.0", "python": "3.12.3",
-                     "driver": "580.159.04", "compute_sanitizer": "2025.3.1", "expecttest": None},
-        "device": {"name": "NVIDIA H200", "capability": "9.0", "sm_count": 132,
-                   "shared_memory_per_block_optin": 232448, "cooperative_launch": True},
-        "problems": ["expecttest is missing: torch.library.opcheck tests skip"]}))
+        "stage\tstatus\trc\tseconds\tlimit\tnote\n" + "".join("\t".join(row) + "\n" for row in rows)
+    )
+    (logs / "preflight.json").write_text(
+        json.dumps(
+            {
+                "versions": {
+                    "torch": "2.11.0+cu130",
+                    "cuda_runtime": "13.0",
+                    "nvcc": "13.0",
+                    "python": "3.12.3",
+                    "driver": "580.159.04",
+                    "compute_sanitizer": "2025.3.1",
+                    "expecttest": None,
+                },
+                "device": {
+                    "name": "NVIDIA H200",
+                    "capability": "9.0",
+                    "sm_count": 132,
+                    "shared_memory_per_block_optin": 232448,
+                    "cooperative_launch": True,
+                },
+                "problems": ["expecttest is missing: torch.library.opcheck tests skip"],
+            }
+        )
+    )
     (logs / "build.log").write_text(BUILD_LOG)
     (logs / "junit-test_cuda.xml").write_text(JUNIT)
     (logs / "smoke_cooperative.log").write_text(
         "smoke: cooperative: forward finished after 0.50 s\n"
-        "smoke: regime=cooperative status=mismatch max_relative_error=3.10e-02 seconds=1.20\n")
+        "smoke: regime=cooperative status=mismatch max_relative_error=3.10e-02 seconds=1.20\n"
+    )
     (logs / "memcheck.log").write_text(
         "start case_a\nok   case_a relative error 1e-07\nstart case_b\nFAIL case_b relative error 1e-01\n"
-        "sanitizer_cases: 1 of 2 cases match the CPU\n========= ERROR SUMMARY: 0 errors\n")
-    (logs / "racecheck.log").write_text("start case_a\n========= RACECHECK SUMMARY: 3 hazards displayed (3 errors, 0 warnings)\n")
+        "sanitizer_cases: 1 of 2 cases match the CPU\n========= ERROR SUMMARY: 0 errors\n"
+    )
+    (logs / "racecheck.log").write_text(
+        "start case_a\n========= RACECHECK SUMMARY: 3 hazards displayed (3 errors, 0 warnings)\n"
+    )
     (logs / "synccheck.log").write_text("start case_a\nok   case_a\nstart case_b\n")
     (logs / "tests_rest.log").write_text(
         "[gw0] [ 10%] PASSED tests/test_ops.py::test_gradcheck[cuda-case0-False] \n"
         "[gw1] [ 20%] FAILED tests/test_fuzz.py::test_matches_nn_rnn[cuda-packed] \n"
         "tests/test_parity.py::test_zero_batch[cuda] PASSED                 [ 30%]\n"
         "[gw0] [ 40%] SKIPPED tests/test_toolchain.py::test_cuda_graph_forward_replays_new_inputs \n"
-        "Timeout (0:02:00)!\n")
+        "Timeout (0:02:00)!\n"
+    )
     (logs / "bench_float32.json").write_text(json.dumps({"results": [{"ratio": 2.0}, {"ratio": 0.5}]}))
     return root, logs
 
@@ -326,23 +386,45 @@ def test_record_holds_what_the_stages_left(tmp_path):
     assert record["gpu"] == "nvidia-h200" and record["budget_s"] == 420 and record["elapsed_s"] == 300
     stages = {row["stage"]: row for row in record["stages"]}
     assert list(stages) == ["preflight", "build", "smoke_cooperative", "synccheck", "bench_float16"]
-    assert stages["build"] == {"stage": "build", "status": "ok", "rc": 0, "seconds": 95, "limit": 240, "note": ""}
+    assert stages["build"] == {
+        "stage": "build",
+        "status": "ok",
+        "rc": 0,
+        "seconds": 95,
+        "limit": 240,
+        "note": "",
+    }
     assert stages["synccheck"]["status"] == "timeout" and stages["synccheck"]["rc"] == 124
     assert stages["bench_float16"]["rc"] is None and stages["bench_float16"]["note"].startswith("budget")
     assert record["versions"]["torch"] == "2.11.0+cu130" and record["versions"]["nvcc"] == "13.0"
     assert record["device"]["sm_count"] == 132 and record["device"]["cooperative_launch"] is True
     assert record["preflight_problems"]
     assert record["tests"]["test_cuda"] == {
-        "tests": 3, "passed": 1, "failed": 1, "errors": 0, "skipped": 1, "seconds": 12.5,
-        "not_passed": ["tests.test_cuda::test_b[step_gemm]"], "complete": True}
+        "tests": 3,
+        "passed": 1,
+        "failed": 1,
+        "errors": 0,
+        "skipped": 1,
+        "seconds": 12.5,
+        "not_passed": ["tests.test_cuda::test_b[step_gemm]"],
+        "complete": True,
+    }
     # Killed at its limit: no junit report, so what its -v progress lines say, marked incomplete.
     assert record["tests"]["tests_rest"] == {
-        "complete": False, "tests": 4, "passed": 2, "failed": 1, "errors": 0, "skipped": 1,
-        "not_passed": ["tests/test_fuzz.py::test_matches_nn_rnn[cuda-packed]"]}
+        "complete": False,
+        "tests": 4,
+        "passed": 2,
+        "failed": 1,
+        "errors": 0,
+        "skipped": 1,
+        "not_passed": ["tests/test_fuzz.py::test_matches_nn_rnn[cuda-packed]"],
+    }
     assert record["smoke"]["cooperative"]["status"] == "mismatch"
     assert record["smoke"]["cooperative"]["max_relative_error"] == "3.10e-02"
     assert record["smoke"]["single_block"] is None
-    memcheck, racecheck, synccheck = (record["sanitizer"][tool] for tool in ("memcheck", "racecheck", "synccheck"))
+    memcheck, racecheck, synccheck = (
+        record["sanitizer"][tool] for tool in ("memcheck", "racecheck", "synccheck")
+    )
     assert (memcheck["errors"], memcheck["cases_matching"], memcheck["cases"]) == (0, 1, 2)
     assert memcheck["mismatching_cases"] == ["case_b"]
     assert racecheck["hazards"] == 3
@@ -351,8 +433,14 @@ def test_record_holds_what_the_stages_left(tmp_path):
     kernels = record["ptxas"]
     assert len(kernels) == 2  # the device function's frame belongs to no kernel
     recurrence = next(row for name, row in kernels.items() if "elman_recurrence_kernel" in name)
-    assert recurrence == {"arch": "sm_90", "registers": 128, "spill_stores": 8, "spill_loads": 4,
-                          "stack_frame": 16, "static_shared_bytes": 0}
+    assert recurrence == {
+        "arch": "sm_90",
+        "registers": 128,
+        "spill_stores": 8,
+        "spill_loads": 4,
+        "stack_frame": 16,
+        "static_shared_bytes": 0,
+    }
     assert kernels["step_activation_kernel"]["static_shared_bytes"] == 64
     summary = report.summary(record)
     assert "synccheck" in summary and "timeout" in summary and "0.50..2.00" in summary
@@ -388,18 +476,39 @@ def test_probe_records_a_gpu_machine(tmp_path, monkeypatch):
         "nvcc": "Cuda compilation tools, release 13.0, V13.0.88",
         "/opt/compute-sanitizer": "NVIDIA (R) Compute Sanitizer\nVersion 2025.3.1.0 (build 123)",
     }
-    monkeypatch.setattr(report, "run_tool", lambda command, timeout=15: answers.get(
-        " ".join(command[:2]), answers.get(command[0], "not found")))
+    monkeypatch.setattr(
+        report,
+        "run_tool",
+        lambda command, timeout=15: answers.get(" ".join(command[:2]), answers.get(command[0], "not found")),
+    )
     monkeypatch.setenv("COMPUTE_SANITIZER", "/opt/compute-sanitizer")
-    properties = type("Properties", (), dict(
-        name="NVIDIA H200", major=9, minor=0, multi_processor_count=132, total_memory=150_000_000_000,
-        shared_memory_per_block=49152, shared_memory_per_block_optin=232448))()
+    properties = type(
+        "Properties",
+        (),
+        dict(
+            name="NVIDIA H200",
+            major=9,
+            minor=0,
+            multi_processor_count=132,
+            total_memory=150_000_000_000,
+            shared_memory_per_block=49152,
+            shared_memory_per_block_optin=232448,
+        ),
+    )()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: properties)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(report, "driver_attributes", lambda ordinal: {
-        "sm_count": 132, "l2_cache_bytes": 62914560, "cooperative_launch": True,
-        "shared_memory_per_block_optin": 232448, "driver_cuda_version": "13.0"})
+    monkeypatch.setattr(
+        report,
+        "driver_attributes",
+        lambda ordinal: {
+            "sm_count": 132,
+            "l2_cache_bytes": 62914560,
+            "cooperative_launch": True,
+            "shared_memory_per_block_optin": 232448,
+            "driver_cuda_version": "13.0",
+        },
+    )
     touched = []
     monkeypatch.setattr(report, "touch_device", lambda torch: touched.append(True))
     out = tmp_path / "preflight.json"
@@ -408,9 +517,17 @@ def test_probe_records_a_gpu_machine(tmp_path, monkeypatch):
     assert info["versions"]["driver"] == "580.159.04" and info["versions"]["nvcc"] == "13.0"
     assert info["versions"]["compute_sanitizer"] == "2025.3.1.0"
     assert info["device"] == {
-        "name": "NVIDIA H200", "capability": "9.0", "sm_count": 132, "total_memory_bytes": 150_000_000_000,
-        "shared_memory_per_block": 49152, "shared_memory_per_block_optin": 232448, "device_count": 1,
-        "l2_cache_bytes": 62914560, "cooperative_launch": True, "driver_cuda_version": "13.0"}
+        "name": "NVIDIA H200",
+        "capability": "9.0",
+        "sm_count": 132,
+        "total_memory_bytes": 150_000_000_000,
+        "shared_memory_per_block": 49152,
+        "shared_memory_per_block_optin": 232448,
+        "device_count": 1,
+        "l2_cache_bytes": 62914560,
+        "cooperative_launch": True,
+        "driver_cuda_version": "13.0",
+    }
     assert report.gpu_slug(out) == "nvidia-h200"
 
 
@@ -434,5 +551,7 @@ def test_check_cuda_without_nvcc_skips_loudly_and_fails_under_ci():
     script = str(TOOLS / "check_cuda.sh")
     done = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0 and "SKIPPED" in done.stdout and "NOT compiled" in done.stdout
-    done = subprocess.run(["bash", script], capture_output=True, text=True, env=dict(env, CI="true"), timeout=60)
+    done = subprocess.run(
+        ["bash", script], capture_output=True, text=True, env=dict(env, CI="true"), timeout=60
+    )
     assert done.returncode == 1 and "SKIPPED" in done.stdout
