@@ -11,6 +11,8 @@ import sys
 
 import torch
 
+from .machine import cpu_flags, cpu_model, cuda_driver_attributes
+
 REBUILD_HINT = (
     "Rebuild rnn_ext against the running torch: from its source folder, "
     "`pip install --no-build-isolation --no-deps --force-reinstall .` "
@@ -100,28 +102,6 @@ _C = load_extension()
 # --- build and machine report -------------------------------------------------------------------
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as file:
-            for line in file:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as file:
-            for line in file:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cpu_kernel_path() -> str:
     """The CPU kernel build that runs here, as the extension chose it at run time."""
     return _C.cpu_kernel()
@@ -137,22 +117,6 @@ def _openmp_in_extension() -> str:
         return f"unknown ({error})"
 
 
-def _cooperative_launch(ordinal: int):
-    """cudaDevAttrCooperativeLaunch, asked from the driver (torch does not expose it)."""
-    import ctypes
-
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-        device, value = ctypes.c_int(), ctypes.c_int()
-        if driver.cuInit(0) or driver.cuDeviceGet(ctypes.byref(device), ordinal):
-            return None
-        if driver.cuDeviceGetAttribute(ctypes.byref(value), 95, device):  # COOPERATIVE_LAUNCH
-            return None
-        return bool(value.value)
-    except (OSError, AttributeError):
-        return None
-
-
 def _cuda_lines() -> list[tuple[str, str]]:
     if torch.version.cuda is None:
         return [("CUDA", "torch is a CPU-only build")]
@@ -164,7 +128,7 @@ def _cuda_lines() -> list[tuple[str, str]]:
     for ordinal in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(ordinal)
         shared = getattr(props, "shared_memory_per_block_optin", None)
-        cooperative = _cooperative_launch(ordinal)
+        cooperative = cuda_driver_attributes(ordinal).get("cooperative_launch")
         lines.append(
             (
                 f"GPU {ordinal}",
@@ -207,7 +171,7 @@ def describe() -> list[tuple[str, str]]:
     else:
         built = f"{_describe_torch(record.TORCH_VERSION, record.TORCH_CUDA_VERSION)}, {record.VARIANT} build"
         cuda_kernels = f"yes ({record.CUDA_ARCH})" if record.CUDA_KERNELS else "no"
-    flags = _cpu_flags()
+    flags = cpu_flags()
     simd = [name for name in ("avx512f", "avx2", "fma", "avx") if name in flags]
     parallel = torch.__config__.parallel_info()
     backend = re.search(r"ATen parallel backend: (.*)", parallel)
@@ -225,7 +189,7 @@ def describe() -> list[tuple[str, str]]:
         ("Python", f"{platform.python_version()} on {platform.platform()}"),
         (
             "CPU",
-            f"{_cpu_model()}; {os.cpu_count()} logical CPUs; "
+            f"{cpu_model()}; {os.cpu_count()} logical CPUs; "
             f"SIMD: {' '.join(simd) or 'none of avx/fma/avx2/avx512f'}",
         ),
         ("CPU kernel", cpu_kernel_path()),

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import rnn_ext
+from rnn_ext import machine
 
 # --- Devices -----------------------------------------------------------------------------------
 
@@ -22,7 +23,7 @@ requires_cuda = pytest.mark.cuda
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 CUDA_SKIP_REASON = "needs a GPU and rnn_ext built with its CUDA kernels"
 # The values of RNN_EXT_CUDA_REGIME, which the CUDA op reads at every call.
-CUDA_REGIMES = ["auto", "single_block", "cooperative", "step_gemm"]
+CUDA_REGIMES = ["auto", *machine.CUDA_REGIMES]
 
 
 # --- Seeds and module pairs --------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rnn_ext
-from rnn_ext import _extension
+from rnn_ext import _extension, machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = torch.__version__.split("+")[0]
@@ -163,7 +163,7 @@ def _kernel_in_subprocess(**env_changes):
 def test_cpu_kernel_follows_the_cpu_flags():
     """The kernel build _C reports is the one the CPU's flags allow, the report shows it, and
     RNN_EXT_NO_AVX512 steps down from AVX-512 to AVX+FMA."""
-    flags = _extension._cpu_flags()
+    flags = machine.cpu_flags()
     if {"avx512f", "avx512vl", "avx512dq", "fma"} <= flags:
         expected = "AVX-512"
     elif {"avx", "fma"} <= flags:

@@ -15,9 +15,9 @@ stay cheap and work whatever state the run is in.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -29,7 +29,21 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-REGIMES = ("single_block", "cooperative", "step_gemm")
+
+
+def _load_machine():
+    # rnn_ext/machine.py by path: it needs no torch, and importing the rnn_ext package would load the
+    # compiled extension, which the commands that run before the build must not need.
+    spec = importlib.util.spec_from_file_location("rnn_ext_machine", REPO / "rnn_ext" / "machine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_machine = _load_machine()
+REGIMES = _machine.CUDA_REGIMES
+slug = _machine.slug
+driver_attributes = _machine.cuda_driver_attributes
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck")
 PYTEST_STAGES = ("test_cuda", "tests_rest")
 BENCH_DTYPES = ("float32", "float16", "bfloat16")
@@ -76,38 +90,6 @@ def run_tool(command: list[str], timeout: float = 15) -> str:
     except subprocess.TimeoutExpired:
         return f"timed out after {timeout:.0f} s"
     return (done.stdout + done.stderr).strip() or f"exit status {done.returncode}"
-
-
-def driver_attributes(ordinal: int = 0) -> dict:
-    """What the CUDA driver says about the device, asked directly (torch does not expose
-    cooperative-launch support)."""
-    names = {
-        "sm_count": 16,  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
-        "l2_cache_bytes": 38,
-        "cooperative_launch": 95,
-        "shared_memory_per_block_optin": 97,
-    }
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-    except OSError as error:
-        return {"error": f"libcuda.so.1: {error}"}
-    if driver.cuInit(0) != 0:
-        return {"error": "cuInit failed"}
-    device = ctypes.c_int()
-    if driver.cuDeviceGet(ctypes.byref(device), ordinal) != 0:
-        return {"error": f"cuDeviceGet({ordinal}) failed"}
-    result = {}
-    for name, attribute in names.items():
-        value = ctypes.c_int()
-        status = driver.cuDeviceGetAttribute(ctypes.byref(value), attribute, device)
-        result[name] = value.value if status == 0 else None
-    version = ctypes.c_int()
-    if driver.cuDriverGetVersion(ctypes.byref(version)) == 0:
-        result["driver_cuda_version"] = f"{version.value // 1000}.{version.value % 1000 // 10}"
-    result["cooperative_launch"] = (
-        None if result["cooperative_launch"] is None else bool(result["cooperative_launch"])
-    )
-    return result
 
 
 def package_version(name: str) -> str | None:
@@ -211,10 +193,6 @@ def probe_into(info: dict) -> int:
     for problem in info["problems"]:
         say(f"PROBLEM: {problem}")
     return 0 if cuda else 1
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
 def gpu_slug(preflight: Path) -> str:

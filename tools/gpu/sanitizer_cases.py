@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-REGIMES = ("single_block", "cooperative", "step_gemm")
+from rnn_ext.machine import CUDA_REGIMES as REGIMES
+
 DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,

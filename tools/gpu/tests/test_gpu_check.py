@@ -289,7 +289,7 @@ def test_csrc_hash_matches_the_shell_pipeline_on_awkward_trees(tmp_path):
 # The record.
 
 KERNEL = "_ZN7rnn_ext3gpu12_GLOBAL__N_123elman_recurrence_kernelIfLi1EEEvNS1_14RecurrenceArgsE"
-BUILD_LOG = f"""[3/5] nvcc ... elman_kernels.cu
+BUILD_LOG = f"""[3/5] nvcc ... elman_launch.cu
 ptxas info    : 0 bytes gmem
 ptxas info    : Compiling entry function '{KERNEL}' for 'sm_90'
 ptxas info    : Function properties for {KERNEL}
