@@ -47,6 +47,12 @@ def ours_and_reference(*args, seed=0, **kwargs):
     return ours, reference
 
 
+def float64_pair(*args, device="cpu", **kwargs):
+    """ours_and_reference(*args, **kwargs), both moved to `device` in float64."""
+    ours, reference = ours_and_reference(*args, **kwargs)
+    return ours.to(device=device, dtype=torch.float64), reference.to(device=device, dtype=torch.float64)
+
+
 def seeded_randn(*shape, seed=0, dtype=torch.float64):
     """A standard normal tensor from its own generator, so the same in every test order."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
@@ -211,6 +217,19 @@ def op_results(device, dtype, layer, relu, seed, cotangent_dtype=None):
 OP_RESULT_NAMES = ["output", "h_n", "grad input", "grad hx"]
 
 
+def assert_within_scale(actual, expected, rtol, name="", min_scale=1.0):
+    """The largest difference within rtol times the tensor's scale: max(min_scale, max |expected|).
+    Relative to the tensor's largest magnitude, because half-precision rounding is, and elementwise
+    relative error means nothing for entries near zero. Compared in float64 on the CPU."""
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if expected.numel() == 0:
+        return
+    scale = max(min_scale, expected.abs().max().item())
+    error = (actual - expected).abs().max().item()
+    assert error <= rtol * scale, f"{name}: max error {error:.3e} > {rtol:.1e} * {scale:.3g}"
+
+
 def assert_results_close(actual, expected, rtol):
     """op_results of two runs: each tensor within rtol * max(1, max |expected|)."""
     assert len(actual) == len(expected)
@@ -220,12 +239,16 @@ def assert_results_close(actual, expected, rtol):
             if index < len(OP_RESULT_NAMES)
             else f"grad weight {index - len(OP_RESULT_NAMES)}"
         )
-        assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
-        if e.numel() == 0:
-            continue
-        scale = max(1.0, e.abs().max().item())
-        error = (a - e).abs().max().item()
-        assert error <= rtol * scale, f"{name}: max error {error:.3e} > {rtol:.1e} * {scale:.3g}"
+        assert_within_scale(a, e, rtol, name)
+
+
+def assert_all_close(actual, expected, tolerance=FLOAT64_TOLERANCE):
+    """Two equally long sequences of tensors, pairwise within rtol = atol = tolerance."""
+    assert len(actual) == len(expected)
+    for index, (a, e) in enumerate(zip(actual, expected)):
+        torch.testing.assert_close(
+            a, e, rtol=tolerance, atol=tolerance, msg=lambda m, index=index: f"result {index}: {m}"
+        )
 
 
 def module_results(module, x, hx=None, leaves=None, seed=1):

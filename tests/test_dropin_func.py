@@ -9,7 +9,7 @@ from torch.autograd import forward_ad
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from helpers import DEVICES, layer_on, ours_and_reference, random_layer
+from helpers import DEVICES, float64_pair, layer_on, random_layer, seeded_randn
 from rnn_ext.layers import composite_layer
 
 # CUDA cases are listed (and skipped) everywhere, so that a run without a GPU says so.
@@ -22,22 +22,18 @@ def make_pair(config, device="cpu", input_size=3, hidden_size=4, seed=0):
     kwargs = dict(
         num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, nonlinearity=nonlinearity
     )
-    ours, theirs = ours_and_reference(input_size, hidden_size, seed=seed, **kwargs)
-    return ours.to(device=device, dtype=torch.float64), theirs.to(device=device, dtype=torch.float64)
+    return float64_pair(input_size, hidden_size, device=device, seed=seed, **kwargs)
 
 
 def make_input(config, device="cpu", batch=2, steps=5, input_size=3, seed=1):
     batch_first = config[2]
-    generator = torch.Generator().manual_seed(seed)
     shape = (batch, steps, input_size) if batch_first else (steps, batch, input_size)
-    return torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
+    return seeded_randn(*shape, seed=seed).to(device)
 
 
 def make_hx(config, device="cpu", batch=2, hidden_size=4, seed=2):
     layers, bidirectional = config[0], config[1]
-    generator = torch.Generator().manual_seed(seed)
-    shape = (layers * (2 if bidirectional else 1), batch, hidden_size)
-    return torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
+    return seeded_randn(layers * (2 if bidirectional else 1), batch, hidden_size, seed=seed).to(device)
 
 
 def loss_of(module, params, x, hx=None):

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnn_ext
-from helpers import DEVICES, ours_and_reference
+from helpers import DEVICES, assert_all_close, float64_pair
 
 # CUDA cases are listed (and skipped) everywhere, so that a run without a GPU says so.
 
@@ -23,8 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_pair(device="cpu", **kwargs):
-    ours, theirs = ours_and_reference(3, 4, **kwargs)
-    return ours.to(device=device, dtype=torch.float64), theirs.to(device=device, dtype=torch.float64)
+    return float64_pair(3, 4, device=device, **kwargs)
 
 
 class Holder(nn.Module):
@@ -60,11 +59,6 @@ class PackedTagger(nn.Module):
     def forward(self, x: PackedSequence, hx: Optional[torch.Tensor] = None):
         output, h_n = self.rnn(x, hx)
         return output.data, h_n
-
-
-def assert_all_close(actual, expected, tol=1e-10):
-    for a, e in zip(actual, expected):
-        torch.testing.assert_close(a, e, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -11,6 +11,7 @@ import rnn_ext
 import rnn_ext.reference
 from helpers import (
     assert_results_close,
+    assert_within_scale,
     op_results,
     ours_and_reference,
     random_layer,
@@ -45,15 +46,6 @@ def run(module, x, hx, grad_output_seed):
     return output, h_n, x.grad, None if hx is None else hx.grad, grads
 
 
-def assert_close_relative(actual, expected, rtol):
-    actual = actual.double().cpu()
-    expected = expected.double().cpu()
-    assert actual.shape == expected.shape
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    error = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    assert error <= rtol * scale, f"max error {error:.3e} > {rtol:.1e} * {scale:.3g}"
-
-
 def compare(ours_result, reference_result, rtol):
     names = ["output", "h_n", "grad input", "grad hx"]
     for name, a, b in zip(names, ours_result[:4], reference_result[:4]):
@@ -61,12 +53,12 @@ def compare(ours_result, reference_result, rtol):
             assert a is None, name
             continue
         try:
-            assert_close_relative(a, b, rtol)
+            assert_within_scale(a, b, rtol)
         except AssertionError as error:
             raise AssertionError(f"{name}: {error}") from None
     for index, (a, b) in enumerate(zip(ours_result[4], reference_result[4])):
         try:
-            assert_close_relative(a, b, rtol)
+            assert_within_scale(a, b, rtol)
         except AssertionError as error:
             raise AssertionError(f"grad of parameter {index}: {error}") from None
 

@@ -14,7 +14,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnn_ext
-from helpers import ours_and_reference, requires_cuda, skip_if_expecttest_missing
+from helpers import (
+    assert_all_close,
+    assert_within_scale,
+    ours_and_reference,
+    requires_cuda,
+    skip_if_expecttest_missing,
+)
 
 INPUT_SIZE, HIDDEN_SIZE, CLASSES = 5, 6, 3
 
@@ -90,14 +96,6 @@ def outputs_and_gradients(model, x, hx=None):
     loss = logits.sin().sum() + (h_n * h_n).sum()
     gradients = torch.autograd.grad(loss, leaves + list(model.parameters()))
     return [logits.detach(), h_n.detach(), *gradients]
-
-
-def assert_all_close(actual, expected, tolerance):
-    assert len(actual) == len(expected)
-    for index, (a, e) in enumerate(zip(actual, expected)):
-        torch.testing.assert_close(
-            a, e, rtol=tolerance, atol=tolerance, msg=lambda m, index=index: f"result {index}: {m}"
-        )
 
 
 def compile_counter(backend):
@@ -337,11 +335,7 @@ def run_under_autocast(model, device_type, autocast_dtype, x):
 
 
 def assert_close_to_scale(actual, expected, rtol, name):
-    # Relative to the tensor's largest magnitude: half-precision rounding is relative to that
-    # scale, and elementwise relative error is meaningless for entries near zero.
-    error = (actual.double() - expected.double()).abs().max().item()
-    scale = expected.double().abs().max().item()
-    assert error <= rtol * scale, f"{name}: max error {error:.3e} > {rtol:.0e} * {scale:.3g}"
+    assert_within_scale(actual, expected, rtol, name, min_scale=0.0)
 
 
 def assert_autocast_matches_nn_rnn(device, autocast_dtype, model_dtype, input_dtype):
