@@ -16,6 +16,7 @@ import zlib
 import pytest
 import torch
 
+import helpers
 from rnn_ext import reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -617,6 +618,36 @@ def test_forced_regime_that_cannot_run_is_rejected(lib):
     plan = plan_of(lib, torch.float32, 64, 8, 1, regime="cooperative")
     assert plan["rejected"] == 1 and "cooperative" in plan["reason"]
     assert plan_of(lib, torch.float32, 64, 8, 1)["regime"] == REGIMES["single_block"]
+
+
+# (SMs, opt-in shared bytes per block, cooperative launch): an H100/H200, small devices, and one
+# without cooperative launch. Each has 1 KB more shared memory per SM than a block may opt into.
+RULE_DEVICES = [
+    (132, 232448, 1),
+    (8, 48 * 1024, 1),
+    (2, 48 * 1024, 1),
+    (1, 100 * 1024, 1),
+    (16, 64 * 1024, 0),
+]
+
+
+@pytest.mark.parametrize(
+    "device", RULE_DEVICES, ids=[f"sm{d[0]}-optin{d[1]}-coop{d[2]}" for d in RULE_DEVICES]
+)
+def test_forced_regime_rule_of_the_gpu_tests_matches_the_planner(lib, device):
+    """tests/test_cuda.py lets a forced regime refuse a layer exactly where
+    helpers.forced_regime_must_run says the planner must: the rule agrees with the planner itself."""
+    sm_count, optin, cooperative = device
+    use_device(lib, sm_count, optin, optin + 1024, cooperative)
+    for dtype, hidden, directions, regime in itertools.product(
+        DTYPES,
+        [8, 21, 100, 200, 236, 256, 300, 512, 513, 600, 1100, 2048, 5000],
+        [1, 2],
+        ["single_block", "cooperative"],
+    ):
+        plan = plan_of(lib, dtype, hidden, 3, directions, regime)
+        expected = helpers.forced_regime_must_run(regime, hidden, sm_count, optin, cooperative, dtype)
+        assert (plan["rejected"] == 0) == expected, f"{regime} {dtype} H={hidden} D={directions}: {plan}"
 
 
 def test_cooperative_with_fewer_sms_than_directions(lib):
