@@ -11,6 +11,7 @@ import importlib.util
 import itertools
 import os
 import shutil
+import sys
 import zlib
 
 import pytest
@@ -67,6 +68,10 @@ def stable_seed(*parts):
 
 @pytest.fixture(scope="module")
 def lib():
+    return load_library()
+
+
+def load_library():
     library = ctypes.CDLL(emulation_build.build("library"))
     library.emu_define_device.argtypes = [
         ctypes.c_int,
@@ -498,6 +503,71 @@ def test_forced_regime_that_cannot_run_is_an_error_of_the_op(lib):
     layer = Layer(3, 3, 2, 12, 1, False, False, torch.float32)
     with pytest.raises(AssertionError, match="RNN_EXT_CUDA_REGIME=cooperative cannot run hidden_size=12"):
         call_layer(lib, layer, "cooperative", 0, forward_only=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU acceptance run's sanitizer cases (tools/gpu/sanitizer_cases.py), with their comparison.
+
+_spec = importlib.util.spec_from_file_location(
+    "sanitizer_cases", os.path.join(os.path.dirname(HERE), "tools", "gpu", "sanitizer_cases.py")
+)
+if "sanitizer_cases" not in sys.modules:  # its dataclass looks its module up there
+    sys.modules["sanitizer_cases"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["sanitizer_cases"])
+sanitizer_cases = sys.modules["sanitizer_cases"]
+# The cases small enough for the emulation (the others need hundreds of emulated blocks).
+SMALL_SANITIZER_CASES = [case for case in sanitizer_cases.CASES if case.hidden <= 64]
+
+
+def emulated_case(lib, case, seed):
+    """sanitizer_cases.forward_backward's results for `case`, run on the emulated device through the
+    CUDA glue: output, h_n and the gradients of (input, hx, *weights), as float64 tensors."""
+    dtype = sanitizer_cases.DTYPES[case.dtype]
+    input, hx, weights, batch_sizes = sanitizer_cases.layer_arguments(case, seed)
+    layer = Layer.__new__(Layer)
+    layer.steps, layer.batch, layer.hidden = case.steps, case.batch, case.hidden
+    layer.directions, layer.input_size = case.directions, case.input_size
+    layer.packed, layer.relu, layer.dtype, layer.bias = case.packed, case.relu, dtype, case.bias
+    layer.batch_sizes = batch_sizes if case.packed else torch.full((case.steps,), case.batch)
+    layer.rows = int(layer.batch_sizes.sum())
+    layer.input, layer.hx, layer.weights = input.reshape(layer.rows, -1), hx, weights
+    # The output gradients as forward_backward draws them, for the op's output shapes.
+    output_shape = (layer.rows,) if case.packed else (case.steps, case.batch)
+    generator = torch.Generator().manual_seed(seed + 1)
+    seeds = [
+        torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype).double()
+        for shape in (output_shape + (case.directions * case.hidden,), tuple(hx.shape))
+    ]
+    layer.grad_output, layer.grad_h_n = seeds[0].reshape(layer.rows, -1), seeds[1]
+    results, _, _ = call_layer(lib, layer, case.regime, case.max_slice_for(SMALL[0]) or 0)
+    return [
+        results["output"].reshape(output_shape + (-1,)).double(),
+        results["h_n"].double(),
+        results["grad_input"].reshape(input.shape).double(),
+        results["grad_hx"].double(),
+    ] + [g.double() for g in results["grad_weights"]]
+
+
+@pytest.mark.parametrize("case", SMALL_SANITIZER_CASES, ids=[c.name for c in SMALL_SANITIZER_CASES])
+def test_sanitizer_cases_meet_their_tolerance(lib, case, monkeypatch):
+    """The comparison the GPU run makes (relative to the float64 CPU op on the same rounded
+    arguments), with its tolerance, made on the emulated device: a correct kernel and glue meet it."""
+    for name in ("RNN_EXT_CUDA_REGIME", "RNN_EXT_CUDA_MAX_SLICE"):
+        monkeypatch.setenv(name, "")  # check_case sets them for the CPU op, which ignores them
+    use_device(lib, *SMALL)
+    dtype = sanitizer_cases.DTYPES[case.dtype]
+    seed = 3
+    arguments = sanitizer_cases.layer_arguments(case, seed)
+    input, hx, weights, batch_sizes = arguments
+    rounded = (
+        input.to(dtype).double(),
+        hx.to(dtype).double(),
+        [w.to(dtype).double() for w in weights],
+        batch_sizes,
+    )
+    expected = sanitizer_cases.forward_backward("cpu", torch.float64, rounded, case.relu, seed, dtype)
+    error = sanitizer_cases.relative_error(emulated_case(lib, case, seed), expected)
+    assert error <= sanitizer_cases.TOLERANCE[case.dtype], f"relative error {error:.2e}"
 
 
 # ---------------------------------------------------------------------------------------------
