@@ -26,6 +26,42 @@ CUDA_SKIP_REASON = "needs a GPU and rnn_ext built with its CUDA kernels"
 CUDA_REGIMES = ["auto", *machine.CUDA_REGIMES]
 
 
+def recurrence_shared_bytes(hidden, slice_width, element_bytes, accumulator_bytes, batch_tile=1, k_split=1):
+    """Dynamic shared memory of one recurrence block (csrc/cuda/recurrence_plan.h, shared_layout):
+    its W_hh columns, its tile's states and the per-warp partial sums, each rounded up to 16 bytes."""
+
+    def up(value, multiple):
+        return -(-value // multiple) * multiple
+
+    hidden4 = up(hidden, 4)
+    return (
+        up(hidden4 * slice_width * element_bytes, 16)
+        + up(batch_tile * hidden4 * accumulator_bytes, 16)
+        + up(k_split * batch_tile * slice_width * accumulator_bytes, 16)
+    )
+
+
+def forced_regime_must_run(regime, hidden, sm_count, optin_bytes, cooperative_launch, dtype):
+    """Whether the planner's arithmetic leaves RNN_EXT_CUDA_REGIME=`regime` no reason to refuse a layer
+    of `hidden` units on a device with these limits (no RNN_EXT_CUDA_MAX_SLICE cap). The smallest block
+    a regime may use (a 1-row tile, no k-split, its narrowest slice) must fit in the shared memory one
+    block may opt into, and a block of at most 512 units must do: a block that fits is resident one
+    per SM (the kernel's launch bounds cap it at 512 threads of 128 registers), so a cooperative grid
+    of one block per SM is co-resident. Where this is false the planner must refuse."""
+    element = torch.tensor([], dtype=dtype).element_size()
+    accumulator = 8 if dtype == torch.float64 else 4
+    if regime == "single_block":
+        width = hidden
+    elif regime == "cooperative":
+        if not cooperative_launch:
+            return False
+        # One launch per direction at worst: the units spread over every SM.
+        width = -(-hidden // max(1, sm_count))
+    else:
+        return True
+    return width <= 512 and recurrence_shared_bytes(hidden, width, element, accumulator) <= optin_bytes
+
+
 # --- Seeds and module pairs --------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 float64 truth, a non-default stream, CUDA-graph capture and replay, packed input, and indices past
 2^31. Skipped as a whole without a GPU and a CUDA build of rnn_ext."""
 
+import ctypes
 import itertools
 
 import pytest
@@ -12,6 +13,7 @@ import rnn_ext
 from helpers import (
     CUDA_REGIMES,
     assert_results_close,
+    forced_regime_must_run,
     op_results,
     ours_and_reference,
     random_layer,
@@ -101,28 +103,46 @@ def test_batch_tiles_and_groups(cuda_regime, batch):
     assert_results_close(actual, expected, 1e-10)
 
 
+def _driver_attribute(attribute):
+    """An attribute of the current device from the CUDA driver: the limits the planner reads, which
+    torch's device properties do not carry in every release."""
+    driver = ctypes.CDLL("libcuda.so.1")
+    device, value = ctypes.c_int(), ctypes.c_int()
+    assert driver.cuDeviceGet(ctypes.byref(device), torch.cuda.current_device()) == 0
+    assert driver.cuDeviceGetAttribute(ctypes.byref(value), attribute, device) == 0
+    return value.value
+
+
+CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH = 95
+CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97
+
+
 @pytest.mark.parametrize("hidden", [256, 600, 1100])
 @pytest.mark.parametrize("requested", CUDA_REGIMES)
 def test_large_hidden(monkeypatch, hidden, requested):
     """Sizes where W_hh leaves one block (and at 1100 float32, possibly the chip): auto must pick a
-    regime that runs; a forced regime either runs correctly or refuses with a clear error."""
+    regime that runs; a forced regime refuses, with a clear error, exactly where the planner's
+    arithmetic on this device's limits says it must (helpers.forced_regime_must_run, which the
+    emulated tests hold against the planner), and otherwise runs correctly."""
     monkeypatch.setenv("RNN_EXT_CUDA_REGIME", requested)
     seed = stable_seed("large", hidden, requested)
     layer = random_layer(
         seed, steps=4, batch=3, input_size=8, hidden=hidden, directions=1, bias=True, packed=False
     )
     truth = op_results("cpu", torch.float64, rounded_to(layer, torch.float32), False, seed, torch.float32)
-    if requested == "single_block" and hidden > 512:
-        with pytest.raises(RuntimeError, match="RNN_EXT_CUDA_REGIME=single_block cannot run"):
+    must_run = forced_regime_must_run(
+        requested,
+        hidden,
+        torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count,
+        _driver_attribute(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN),
+        _driver_attribute(CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH) != 0,
+        torch.float32,
+    )
+    if not must_run:
+        with pytest.raises(RuntimeError, match=f"RNN_EXT_CUDA_REGIME={requested} cannot run"):
             op_results("cuda", torch.float32, layer, False, seed)
         return
-    try:
-        actual = op_results("cuda", torch.float32, layer, False, seed)
-    except RuntimeError as error:
-        # Only a forced persistent regime may refuse, and only by saying so.
-        assert requested in ("single_block", "cooperative"), error
-        assert f"RNN_EXT_CUDA_REGIME={requested} cannot run" in str(error)
-        return
+    actual = op_results("cuda", torch.float32, layer, False, seed)
     assert_results_close(actual, truth, 2e-5)
 
 

@@ -1,8 +1,9 @@
-"""The CUDA kernels on the CPU: csrc/cuda's kernel and launch source, unmodified, compiled with g++ under
-a host emulation of CUDA's execution model (tests/cuda_emulation/: one thread per CUDA thread,
-barriers for __syncthreads and the cooperative grid sync, per-block shared memory), driven by the real
-planner on small fake devices and checked against rnn_ext/reference.py. Also the planner's
-shared-memory and co-residency arithmetic at H100/H200 limits. No GPU needed; what this cannot show
+"""The CUDA path on the CPU: csrc/cuda's layer glue, launch code and kernels, unmodified, compiled with
+g++ under a host emulation of CUDA's execution model (tests/cuda_emulation/: one thread per CUDA
+thread, barriers for __syncthreads and the cooperative grid sync, per-block shared memory, plain CPU
+products in place of cuBLAS), run as whole layers forward and backward on small fake devices and
+checked against rnn_ext/reference.py. Also the planner's shared-memory and co-residency arithmetic at
+H100/H200 limits. No GPU needed; what this cannot show
 is in README.md ("CUDA kernels on the CPU")."""
 
 import ctypes
@@ -10,11 +11,13 @@ import importlib.util
 import itertools
 import os
 import shutil
+import sys
 import zlib
 
 import pytest
 import torch
 
+import helpers
 from rnn_ext import reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,6 +54,9 @@ PLAN_FIELDS = [
 # left is float32 accumulation and the final rounding of each stored value (about one unit in the
 # last place: 2^-11 for float16, 2^-8 for bfloat16), twice that for gradients (y is stored rounded).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# The step-GEMM regime stores every state in the storage type, so a half-type run drifts from the
+# float64 truth by a few rounding steps more than the persistent kernel (which carries float32).
+STEP_GEMM_TOLERANCE = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
 # H100/H200 (sm_90): 132 SMs, 227 KB of shared memory per block with the opt-in, 228 KB per SM.
 H200 = dict(sm_count=132, optin=232448, per_sm=233472, cooperative=1)
 int64_p = ctypes.POINTER(ctypes.c_int64)
@@ -62,6 +68,10 @@ def stable_seed(*parts):
 
 @pytest.fixture(scope="module")
 def lib():
+    return load_library()
+
+
+def load_library():
     library = ctypes.CDLL(emulation_build.build("library"))
     library.emu_define_device.argtypes = [
         ctypes.c_int,
@@ -82,24 +92,8 @@ def lib():
         ctypes.c_char_p,
         ctypes.c_int,
     ]
-    library.emu_run_recurrence.argtypes = (
-        [ctypes.c_int] * 3
-        + [ctypes.c_int64] * 4
-        + [ctypes.c_void_p] * 9
-        + [ctypes.c_int, ctypes.c_int, int64_p]
-    )
-    library.emu_step_activation.argtypes = (
-        [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-        + [ctypes.c_int64] * 5
-        + [ctypes.c_void_p, ctypes.c_int64]
-    )
-    library.emu_step_gradient.argtypes = (
-        [ctypes.c_int, ctypes.c_int]
-        + [ctypes.c_void_p] * 3
-        + [ctypes.c_int64] * 5
-        + [ctypes.c_void_p] * 2
-        + [ctypes.c_int64]
-    )
+    library.emu_layer_forward.argtypes = [ctypes.c_void_p] * 3 + [int64_p, ctypes.c_char_p, ctypes.c_int]
+    library.emu_layer_backward.argtypes = [ctypes.c_void_p] * 7 + [int64_p, ctypes.c_char_p, ctypes.c_int]
     library.emu_gather_previous_states.argtypes = (
         [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4
     )
@@ -136,18 +130,56 @@ def ptr(tensor):
 
 
 # ---------------------------------------------------------------------------------------------
-# Problems and their float64 truth (rnn_ext/reference.py).
+# Whole layers and their float64 truth (rnn_ext/reference.py).
+
+
+class EmuLayer(ctypes.Structure):
+    """One layer call, as tests/cuda_emulation/api.cpp declares it."""
+
+    _fields_ = [
+        ("scalar_type", ctypes.c_int32),
+        ("relu", ctypes.c_int32),
+        ("regime", ctypes.c_int32),
+        ("max_slice_width", ctypes.c_int32),
+        ("has_bias", ctypes.c_int32),
+        ("packed", ctypes.c_int32),
+        ("steps", ctypes.c_int64),
+        ("batch", ctypes.c_int64),
+        ("rows", ctypes.c_int64),
+        ("input_size", ctypes.c_int64),
+        ("hidden", ctypes.c_int64),
+        ("directions", ctypes.c_int64),
+        ("batch_sizes", ctypes.c_void_p),
+        ("input", ctypes.c_void_p),
+        ("hx", ctypes.c_void_p),
+        ("weights", ctypes.c_void_p * 8),
+    ]
 
 
 class Layer:
-    """One layer's recurrence in the kernels' terms: P (the input projection, already in the output
-    rows), W_hh and hx per direction, packed or padded rows, and random output gradients. Every
-    tensor is float64 holding values representable in `dtype`, so the truth sees the kernel's inputs."""
+    """One layer's arguments as the CUDA op receives them: input rows [rows, I] (packed or padded,
+    time-major), hx, the flat weights per direction, and random gradients of output and h_n. Every
+    tensor is float64 holding values representable in `dtype`, so the truth sees the kernels'
+    inputs."""
 
-    def __init__(self, seed, steps, batch, hidden, directions, packed, relu, dtype):
+    def __init__(
+        self,
+        seed,
+        steps,
+        batch,
+        hidden,
+        directions,
+        packed,
+        relu,
+        dtype,
+        input_size=5,
+        bias=True,
+        biased=False,
+    ):
         g = torch.Generator().manual_seed(seed)
         self.steps, self.batch, self.hidden, self.directions = steps, batch, hidden, directions
-        self.packed, self.relu, self.dtype = packed, relu, dtype
+        self.packed, self.relu, self.dtype, self.bias = packed, relu, dtype, bias
+        self.input_size = input_size
         if packed:
             lengths = torch.randint(1, steps + 1, (batch,), generator=g).sort(descending=True).values
             lengths[0] = steps
@@ -163,25 +195,44 @@ class Layer:
         def draw(*shape, scale=1.0):
             return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).double()
 
-        self.pre = draw(self.rows, directions * hidden, scale=0.7)
-        self.weight_hh = [
-            ((torch.rand(hidden, hidden, generator=g, dtype=torch.float64) * 2 - 1) * 1.2 * hidden**-0.5)
-            .to(dtype)
-            .double()
-            for _ in range(directions)
-        ]
+        def uniform(*shape, scale):
+            return ((torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1) * scale).to(dtype).double()
+
+        # `biased`: each unit's bias is 0.6 to 1.0 away from zero and the products are small beside
+        # it, so that pre-activations stay clear of zero (see relu_margin).
+        products = 0.2 if biased else 1.0
+        self.input = draw(self.rows, input_size)
+        self.weights = []  # nn.RNN's flat order: per direction w_ih, w_hh[, b_ih, b_hh]
+        for _ in range(directions):
+            self.weights.append(uniform(hidden, input_size, scale=0.7 * products * input_size**-0.5))
+            self.weights.append(uniform(hidden, hidden, scale=1.2 * products * hidden**-0.5))
+            if bias and biased:
+                sign = torch.randint(0, 2, (hidden,), generator=g) * 2 - 1
+                self.weights += [
+                    (sign * (0.3 + 0.2 * torch.rand(hidden, generator=g, dtype=torch.float64)))
+                    .to(dtype)
+                    .double()
+                    for _ in range(2)
+                ]
+            elif bias:
+                self.weights += [uniform(hidden, scale=0.3), uniform(hidden, scale=0.3)]
         self.hx = draw(directions, batch, hidden, scale=0.7)
         self.grad_output = draw(self.rows, directions * hidden)
         self.grad_h_n = draw(directions, batch, hidden)
 
-    def padded(self, rows_tensor, d):
-        """[rows, D*H] -> direction d's [T, B, H] (zeros where a row has ended)."""
-        H = self.hidden
-        out = torch.zeros(self.steps, self.batch, H, dtype=rows_tensor.dtype)
+    def direction_weights(self, d):
+        per = 4 if self.bias else 2
+        return self.weights[d * per : (d + 1) * per]
+
+    def padded(self, rows_tensor):
+        """[rows, X] -> [T, B, X] (zeros where a row has ended), differentiably."""
+        index = torch.zeros(self.steps, self.batch, dtype=torch.int64)
+        valid = torch.zeros(self.steps, self.batch, 1, dtype=rows_tensor.dtype)
         for t in range(self.steps):
             o, n = int(self.step_offsets[t]), int(self.batch_sizes[t])
-            out[t, :n] = rows_tensor[o : o + n, d * H : (d + 1) * H]
-        return out
+            index[t, :n] = torch.arange(o, o + n)
+            valid[t, :n] = 1
+        return rows_tensor[index] * valid
 
     def packed_rows(self, per_direction):
         """Per direction [T, B, H] -> [rows, D*H]."""
@@ -192,19 +243,18 @@ class Layer:
         return torch.cat(rows)
 
     def truth(self):
-        """Float64 forward (output rows, h_n) and backward (dL/dP rows, dL/dhx) by autograd through
-        reference.elman_layer, with P as its input and W_ih = I."""
-        eye = torch.eye(self.hidden, dtype=torch.float64)
+        """Float64 forward and backward by autograd through reference.elman_layer: a dict of output
+        rows, h_n and the gradients of input rows, hx and every flat weight."""
         nonlinearity = "relu" if self.relu else "tanh"
-        pre = [self.padded(self.pre, d).requires_grad_(True) for d in range(self.directions)]
-        hx = self.hx.clone().requires_grad_(True)
+        leaves = [t.clone().requires_grad_(True) for t in [self.input, self.hx, *self.weights]]
+        input, hx, weights = leaves[0], leaves[1], leaves[2:]
+        per = 4 if self.bias else 2
         outputs, finals = [], []
         for d in range(self.directions):
             out, h = reference.elman_layer(
-                pre[d],
+                self.padded(input),
                 hx[d],
-                eye,
-                self.weight_hh[d],
+                *weights[d * per : (d + 1) * per],
                 nonlinearity=nonlinearity,
                 reverse=d == 1,
                 lengths=self.lengths,
@@ -212,18 +262,105 @@ class Layer:
             outputs.append(out)
             finals.append(h)
         output, h_n = self.packed_rows(outputs), torch.stack(finals)
-        grads = torch.autograd.grad((output, h_n), pre + [hx], (self.grad_output, self.grad_h_n))
-        grad_pre = self.packed_rows([g for g in grads[: self.directions]])
-        return output.detach(), h_n.detach(), grad_pre, grads[-1]
+        grads = torch.autograd.grad((output, h_n), leaves, (self.grad_output, self.grad_h_n))
+        return dict(
+            output=output.detach(),
+            h_n=h_n.detach(),
+            grad_input=grads[0],
+            grad_hx=grads[1],
+            grad_weights=list(grads[2:]),
+        )
 
-    def device_steps(self):
-        """batch_sizes and step_offsets as the kernels read them: absent for a padded input."""
-        if not self.packed:
-            return None, None
-        return self.batch_sizes.contiguous(), self.step_offsets.contiguous()
+    def relu_margin(self):
+        """The smallest |pre-activation| of the truth over the rows each step runs. A half type's
+        rounding moves a pre-activation by a few of its eps: closer to zero than that, relu's
+        derivative may flip, and a correct kernel's gradient then differs from the truth by O(1)."""
+        seen = []
+        relu = torch.relu
+
+        def recording_relu(pre):
+            seen.append(pre.detach())
+            return relu(pre)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch, "relu", recording_relu)
+            self.truth()
+        margin = float("inf")
+        for index, pre in enumerate(seen):  # per direction, its steps in its own order
+            t = index % self.steps if index < self.steps else self.steps - 1 - index % self.steps
+            margin = min(margin, float(pre[: int(self.batch_sizes[t])].abs().min()))
+        return margin
 
     def cast(self, tensor):
         return tensor.to(self.dtype, copy=True).contiguous()
+
+
+def call_layer(lib, layer, regime, max_slice, forward_only=False):
+    """The layer forward, then backward from the forward's own output (as the op's autograd runs
+    it), through the real CUDA glue on the emulated device. Returns (results, forward plan, backward
+    plan), results in the truth's keys and in `layer.dtype`."""
+    D, B, H, I = layer.directions, layer.batch, layer.hidden, layer.input_size
+    keep = []  # the cast tensors must outlive the calls
+
+    def cast(tensor):
+        keep.append(layer.cast(tensor))
+        return keep[-1]
+
+    description = EmuLayer()
+    description.scalar_type = SCALAR_TYPES[layer.dtype]
+    description.relu = int(layer.relu)
+    description.regime = REGIMES[regime]
+    description.max_slice_width = max_slice
+    description.has_bias = int(layer.bias)
+    description.packed = int(layer.packed)
+    description.steps, description.batch, description.rows = layer.steps, B, layer.rows
+    description.input_size, description.hidden, description.directions = I, H, D
+    batch_sizes = layer.batch_sizes.contiguous()
+    description.batch_sizes = batch_sizes.data_ptr() if layer.packed else None
+    description.input = cast(layer.input).data_ptr()
+    description.hx = cast(layer.hx).data_ptr()
+    for d in range(D):
+        for index, weight in enumerate(layer.direction_weights(d)):
+            description.weights[4 * d + index] = cast(weight).data_ptr()
+
+    def nan(*shape):
+        return torch.full(shape, float("nan"), dtype=layer.dtype)
+
+    error = ctypes.create_string_buffer(512)
+    forward_plan = (ctypes.c_int64 * len(PLAN_FIELDS))()
+    output, h_n = nan(layer.rows, D * H), nan(D, B, H)
+    code = lib.emu_layer_forward(ctypes.byref(description), ptr(output), ptr(h_n), forward_plan, error, 512)
+    assert code == 0, f"forward failed: {error.value.decode()}"
+    results = dict(output=output, h_n=h_n)
+    if not forward_only:
+        grad_input, grad_hx = nan(layer.rows, I), nan(D, B, H)
+        grad_weights = []
+        pointers = (ctypes.c_void_p * (3 * D))()
+        for d in range(D):
+            gradients = [nan(H, I), nan(H, H)] + ([nan(H)] if layer.bias else [])
+            for index, gradient in enumerate(gradients):
+                pointers[3 * d + index] = gradient.data_ptr()
+            # nn.RNN's flat order; b_ih and b_hh share one gradient.
+            grad_weights += gradients + gradients[2:]
+        backward_plan = (ctypes.c_int64 * len(PLAN_FIELDS))()
+        code = lib.emu_layer_backward(
+            ctypes.byref(description),
+            ptr(cast(layer.grad_output)),
+            ptr(cast(layer.grad_h_n)),
+            ptr(output),
+            ptr(grad_input),
+            ptr(grad_hx),
+            pointers,
+            backward_plan,
+            error,
+            512,
+        )
+        assert code == 0, f"backward failed: {error.value.decode()}"
+        results.update(grad_input=grad_input, grad_hx=grad_hx, grad_weights=grad_weights)
+        backward_plan = dict(zip(PLAN_FIELDS, list(backward_plan)))
+    else:
+        backward_plan = None
+    return results, dict(zip(PLAN_FIELDS, list(forward_plan))), backward_plan
 
 
 def assert_agrees(actual, truth, dtype, what):
@@ -234,57 +371,22 @@ def assert_agrees(actual, truth, dtype, what):
     )
 
 
-def run_persistent(lib, layer, regime, max_slice, backward, output=None):
-    """Runs the persistent kernel on `layer` as the CUDA glue does. Returns (sequence, final, plan)."""
-    D, B, H = layer.directions, layer.batch, layer.hidden
-    batch_sizes, step_offsets = layer.device_steps()
-    weights = [layer.cast(w) for w in layer.weight_hh]
-    plan_out = (ctypes.c_int64 * len(PLAN_FIELDS))()
-    final = torch.full((D, B, H), float("nan"), dtype=layer.dtype)
-    if not backward:
-        sequence = layer.cast(layer.pre)
-        initial, grad_output, out = layer.cast(layer.hx), None, None
-    else:
-        sequence = torch.full((layer.rows, D * H), float("nan"), dtype=layer.dtype)
-        initial, grad_output, out = (
-            layer.cast(layer.grad_h_n),
-            layer.cast(layer.grad_output),
-            layer.cast(output),
-        )
-    code = lib.emu_run_recurrence(
-        SCALAR_TYPES[layer.dtype],
-        int(layer.relu),
-        int(backward),
-        layer.steps,
-        B,
-        H,
-        D,
-        ptr(batch_sizes),
-        ptr(step_offsets),
-        ptr(weights[0]),
-        ptr(weights[-1]),
-        ptr(initial),
-        ptr(final),
-        ptr(sequence),
-        ptr(grad_output),
-        ptr(out),
-        REGIMES[regime],
-        max_slice,
-        plan_out,
-    )
-    plan = dict(zip(PLAN_FIELDS, list(plan_out)))
-    assert code == 0, f"launch failed with {code}, plan {plan}"
-    return sequence, final, plan
+def assert_layer_agrees(results, truth, dtype):
+    for key in ("output", "h_n", "grad_input", "grad_hx"):
+        if key in results:
+            assert_agrees(results[key], truth[key], dtype, key)
+    for index, (actual, expected) in enumerate(zip(results.get("grad_weights", []), truth["grad_weights"])):
+        assert_agrees(actual, expected, dtype, f"gradient of flat weight {index}")
 
 
 # ---------------------------------------------------------------------------------------------
-# The persistent recurrence kernel.
+# Whole layers on every recurrence path.
 
 # (name, fake device (SMs, opt-in shared bytes, shared bytes per SM), regime, max slice width,
 #  batch, hidden, directions, what the plan must be). Small devices and caps force every path at
 # a few hundred emulated threads.
 SMALL = (8, 48 * 1024, 64 * 1024)
-PERSISTENT_CASES = [
+LAYER_CASES = [
     ("single_tile1_h21", SMALL, "single_block", 0, 1, 21, 2, dict(regime=1, batch_tile=1)),
     ("single_tile2_h16", SMALL, "single_block", 0, 2, 16, 2, dict(regime=1, batch_tile=2)),
     ("single_tile4_h21", SMALL, "single_block", 0, 3, 21, 2, dict(regime=1, batch_tile=4)),
@@ -334,6 +436,9 @@ PERSISTENT_CASES = [
     ),
     ("coop_tile1_h21", (8, 48 * 1024, 64 * 1024), "cooperative", 8, 1, 21, 1, dict(regime=2, batch_tile=1)),
     ("coop_tile2_h16", (8, 48 * 1024, 64 * 1024), "cooperative", 8, 2, 16, 2, dict(regime=2, batch_tile=2)),
+    # Per step a GEMM and a pointwise kernel; 23 rows x 21 units is more than one 256-thread block.
+    ("step_gemm_h21", SMALL, "step_gemm", 0, 23, 21, 2, dict(regime=3)),
+    ("step_gemm_h8_one_direction", SMALL, "step_gemm", 0, 3, 8, 1, dict(regime=3)),
 ]
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
@@ -341,168 +446,132 @@ DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
 @pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-@pytest.mark.parametrize("case", PERSISTENT_CASES, ids=[c[0] for c in PERSISTENT_CASES])
-def test_persistent_recurrence(lib, case, packed, relu, dtype):
+@pytest.mark.parametrize("case", LAYER_CASES, ids=[c[0] for c in LAYER_CASES])
+def test_layer(lib, case, packed, relu, dtype):
+    """A whole layer, forward and backward, through the CUDA glue (input projection, recurrence,
+    packed staging, input and weight gradients) and the kernels, against the float64 truth."""
     name, device, regime, max_slice, batch, hidden, directions, expected_plan = case
     use_device(lib, *device)
+    half_relu = relu and dtype in (torch.float16, torch.bfloat16)
     layer = Layer(
-        stable_seed(name, packed, relu, str(dtype)), 5, batch, hidden, directions, packed, relu, dtype
+        stable_seed(name, packed, relu, str(dtype)),
+        5,
+        batch,
+        hidden,
+        directions,
+        packed,
+        relu,
+        dtype,
+        biased=half_relu,
     )
-    output, h_n, grad_pre, grad_hx = layer.truth()
-
-    sequence, final, plan = run_persistent(lib, layer, regime, max_slice, backward=False)
-    for field, value in expected_plan.items():
-        assert plan[field] == value, f"plan {plan} has {field} != {value}"
-    assert_agrees(sequence, output, dtype, "output")
-    assert_agrees(final, h_n, dtype, "h_n")
-
-    # Backward reads h off the forward output as stored in `dtype`, as the CUDA glue passes it.
-    sequence, final, plan = run_persistent(lib, layer, regime, max_slice, backward=True, output=output)
-    for field, value in expected_plan.items():
-        assert plan[field] == value, f"backward plan {plan} has {field} != {value}"
-    assert_agrees(sequence, grad_pre, dtype, "dL/dP")
-    assert_agrees(final, grad_hx, dtype, "dL/dhx")
+    if half_relu:
+        assert layer.relu_margin() > 0.05, "pre-activations too close to zero for a half-type relu check"
+    results, forward_plan, backward_plan = call_layer(lib, layer, regime, max_slice)
+    for plan in (forward_plan, backward_plan):
+        for field, value in expected_plan.items():
+            assert plan[field] == value, f"plan {plan} has {field} != {value}"
+    tolerances = STEP_GEMM_TOLERANCE if regime == "step_gemm" else TOLERANCE
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(TOLERANCE, dtype, tolerances.get(dtype, TOLERANCE[dtype]))
+        assert_layer_agrees(results, layer.truth(), dtype)
 
 
-def test_persistent_regimes_agree_bitwise_where_they_share_order(lib):
+def test_layer_without_bias(lib):
+    use_device(lib, *SMALL)
+    for regime in ("single_block", "step_gemm"):
+        layer = Layer(5, 4, 3, 12, 2, True, False, torch.float64, bias=False)
+        results, _, _ = call_layer(lib, layer, regime, 0)
+        assert_layer_agrees(results, layer.truth(), torch.float64)
+
+
+def test_regimes_agree_bitwise_where_they_share_order(lib):
     """Single-block and cooperative plans with the same k-split reduce each unit's sum in the same
     order, so in float64 they agree to the last bit; a wrong exchange plane or a stale state would
     not."""
     use_device(lib, 16, 48 * 1024, 64 * 1024)
     layer = Layer(7, 6, 3, 21, 2, True, False, torch.float64)
-    single, single_final, single_plan = run_persistent(lib, layer, "single_block", 0, backward=False)
-    coop, coop_final, coop_plan = run_persistent(lib, layer, "cooperative", 21, backward=False)
+    single, single_plan, _ = call_layer(lib, layer, "single_block", 0)
+    coop, coop_plan, _ = call_layer(lib, layer, "cooperative", 21)
     assert single_plan["k_split"] == coop_plan["k_split"] and coop_plan["regime"] == 2
-    assert torch.equal(single, coop) and torch.equal(single_final, coop_final)
+    for key in ("output", "h_n", "grad_input", "grad_hx"):
+        assert torch.equal(single[key], coop[key]), key
+    assert all(torch.equal(a, b) for a, b in zip(single["grad_weights"], coop["grad_weights"]))
+
+
+def test_forced_regime_that_cannot_run_is_an_error_of_the_op(lib):
+    use_device(lib, 8, 48 * 1024, 64 * 1024, cooperative=0)
+    layer = Layer(3, 3, 2, 12, 1, False, False, torch.float32)
+    with pytest.raises(AssertionError, match="RNN_EXT_CUDA_REGIME=cooperative cannot run hidden_size=12"):
+        call_layer(lib, layer, "cooperative", 0, forward_only=True)
 
 
 # ---------------------------------------------------------------------------------------------
-# The step-GEMM regime's pointwise kernels, with the GEMMs (cuBLAS on the device) done here.
+# The GPU acceptance run's sanitizer cases (tools/gpu/sanitizer_cases.py), with their comparison.
+
+_spec = importlib.util.spec_from_file_location(
+    "sanitizer_cases", os.path.join(os.path.dirname(HERE), "tools", "gpu", "sanitizer_cases.py")
+)
+if "sanitizer_cases" not in sys.modules:  # its dataclass looks its module up there
+    sys.modules["sanitizer_cases"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["sanitizer_cases"])
+sanitizer_cases = sys.modules["sanitizer_cases"]
+# The cases small enough for the emulation (the others need hundreds of emulated blocks).
+SMALL_SANITIZER_CASES = [case for case in sanitizer_cases.CASES if case.hidden <= 64]
 
 
-def step_gemm_forward(lib, layer):
-    """The forward of the step-GEMM regime as the CUDA glue runs it: per step, the product added into
-    the step's rows (in float64, rounded to the storage type as cuBLAS rounds its output), then the
-    step-activation kernel."""
-    D, H = layer.directions, layer.hidden
-    sequence = layer.cast(layer.pre)
-    h_n = torch.full((D, layer.batch, H), float("nan"), dtype=layer.dtype)
-    hx = layer.cast(layer.hx)
-    offsets, sizes = layer.step_offsets, layer.batch_sizes
-    for d in range(D):
-        reverse = d == 1
-        weight = layer.cast(layer.weight_hh[d]).double()
-        order = range(layer.steps - 1, -1, -1) if reverse else range(layer.steps)
-        previous = None
-        for t in order:
-            o, n = int(offsets[t]), int(sizes[t])
-            columns = slice(d * H, (d + 1) * H)
-            state = hx[d, :n].double().clone()
-            if previous is not None:  # rows that continue read the previous step's output
-                carried = min(n, int(sizes[previous]))
-                po = int(offsets[previous])
-                state[:carried] = sequence[po : po + carried, columns].double()
-            current = sequence[o : o + n, columns].double() + state @ weight.T
-            sequence[o : o + n, columns] = current.to(layer.dtype)
-            # Rows past the next step's batch size end here (every row, at the direction's last step).
-            if reverse:
-                first_final = 0 if t == 0 else n
-            else:
-                first_final = 0 if t == layer.steps - 1 else int(sizes[t + 1])
-            assert (
-                lib.emu_step_activation(
-                    SCALAR_TYPES[layer.dtype],
-                    int(layer.relu),
-                    ptr(sequence),
-                    o,
-                    n,
-                    H,
-                    D,
-                    d,
-                    ptr(h_n[d]),
-                    first_final,
-                )
-                == 0
-            )
-            previous = t
-    return sequence, h_n
+def emulated_case(lib, case, seed):
+    """sanitizer_cases.forward_backward's results for `case`, run on the emulated device through the
+    CUDA glue: output, h_n and the gradients of (input, hx, *weights), as float64 tensors."""
+    dtype = sanitizer_cases.DTYPES[case.dtype]
+    input, hx, weights, batch_sizes = sanitizer_cases.layer_arguments(case, seed)
+    layer = Layer.__new__(Layer)
+    layer.steps, layer.batch, layer.hidden = case.steps, case.batch, case.hidden
+    layer.directions, layer.input_size = case.directions, case.input_size
+    layer.packed, layer.relu, layer.dtype, layer.bias = case.packed, case.relu, dtype, case.bias
+    layer.batch_sizes = batch_sizes if case.packed else torch.full((case.steps,), case.batch)
+    layer.rows = int(layer.batch_sizes.sum())
+    layer.input, layer.hx, layer.weights = input.reshape(layer.rows, -1), hx, weights
+    # The output gradients as forward_backward draws them, for the op's output shapes.
+    output_shape = (layer.rows,) if case.packed else (case.steps, case.batch)
+    generator = torch.Generator().manual_seed(seed + 1)
+    seeds = [
+        torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype).double()
+        for shape in (output_shape + (case.directions * case.hidden,), tuple(hx.shape))
+    ]
+    layer.grad_output, layer.grad_h_n = seeds[0].reshape(layer.rows, -1), seeds[1]
+    results, _, _ = call_layer(lib, layer, case.regime, case.max_slice_for(SMALL[0]) or 0)
+    return [
+        results["output"].reshape(output_shape + (-1,)).double(),
+        results["h_n"].double(),
+        results["grad_input"].reshape(input.shape).double(),
+        results["grad_hx"].double(),
+    ] + [g.double() for g in results["grad_weights"]]
 
 
-def step_gemm_backward(lib, layer, output):
-    """The backward of the step-GEMM regime: per step in reverse, the step-gradient kernel, then
-    dP W_hh carried to the previous step or, for rows that start here, into grad_hx."""
-    D, H = layer.directions, layer.hidden
-    grad_pre = torch.full((layer.rows, D * H), float("nan"), dtype=layer.dtype)
-    grad_hx = torch.full((D, layer.batch, H), float("nan"), dtype=layer.dtype)
-    grad_output, output, grad_h_n = (
-        layer.cast(layer.grad_output),
-        layer.cast(output),
-        layer.cast(layer.grad_h_n),
-    )
-    carry = torch.full((layer.batch, H), float("nan"), dtype=layer.dtype)
-    offsets, sizes = layer.step_offsets, layer.batch_sizes
-    for d in range(D):
-        reverse = d == 1
-        weight = layer.cast(layer.weight_hh[d]).double()
-        order = range(layer.steps) if reverse else range(layer.steps - 1, -1, -1)
-        for t in order:
-            o, n = int(offsets[t]), int(sizes[t])
-            if reverse:
-                first_final = 0 if t == 0 else n
-                carried = 0 if t == layer.steps - 1 else int(sizes[t + 1])
-            else:
-                first_final = 0 if t == layer.steps - 1 else int(sizes[t + 1])
-                carried = 0 if t == 0 else n
-            assert (
-                lib.emu_step_gradient(
-                    SCALAR_TYPES[layer.dtype],
-                    int(layer.relu),
-                    ptr(grad_pre),
-                    ptr(grad_output),
-                    ptr(output),
-                    o,
-                    n,
-                    H,
-                    D,
-                    d,
-                    ptr(carry),
-                    ptr(grad_h_n[d].contiguous()),
-                    first_final,
-                )
-                == 0
-            )
-            current = grad_pre[o : o + n, d * H : (d + 1) * H].double()
-            if carried > 0:
-                carry[:carried] = (current[:carried] @ weight).to(layer.dtype)
-            if carried < n:
-                grad_hx[d, carried:n] = (current[carried:] @ weight).to(layer.dtype)
-    return grad_pre, grad_hx
-
-
-# The step-GEMM regime stores every state in the storage type, so a half-type run drifts from the
-# float64 truth by a few rounding steps more than the persistent kernel (which carries float32).
-STEP_GEMM_TOLERANCE = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
-@pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_step_gemm_pointwise_kernels(lib, packed, relu, dtype, monkeypatch):
+@pytest.mark.parametrize("case", SMALL_SANITIZER_CASES, ids=[c.name for c in SMALL_SANITIZER_CASES])
+def test_sanitizer_cases_meet_their_tolerance(lib, case, monkeypatch):
+    """The comparison the GPU run makes (relative to the float64 CPU op on the same rounded
+    arguments), with its tolerance, made on the emulated device: a correct kernel and glue meet it."""
+    for name in ("RNN_EXT_CUDA_REGIME", "RNN_EXT_CUDA_MAX_SLICE"):
+        monkeypatch.setenv(name, "")  # check_case sets them for the CPU op, which ignores them
     use_device(lib, *SMALL)
-    monkeypatch.setitem(TOLERANCE, dtype, STEP_GEMM_TOLERANCE.get(dtype, TOLERANCE[dtype]))
-    # 23 rows x 21 units: more elements than one 256-thread block, so the grid has two.
-    layer = Layer(stable_seed("step_gemm", packed, relu, str(dtype)), 4, 23, 21, 2, packed, relu, dtype)
-    output, h_n, grad_pre, grad_hx = layer.truth()
-    sequence, final = step_gemm_forward(lib, layer)
-    assert_agrees(sequence, output, dtype, "output")
-    assert_agrees(final, h_n, dtype, "h_n")
-    sequence, final = step_gemm_backward(lib, layer, output)
-    assert_agrees(sequence, grad_pre, dtype, "dL/dP")
-    assert_agrees(final, grad_hx, dtype, "dL/dhx")
+    dtype = sanitizer_cases.DTYPES[case.dtype]
+    seed = 3
+    arguments = sanitizer_cases.layer_arguments(case, seed)
+    input, hx, weights, batch_sizes = arguments
+    rounded = (
+        input.to(dtype).double(),
+        hx.to(dtype).double(),
+        [w.to(dtype).double() for w in weights],
+        batch_sizes,
+    )
+    expected = sanitizer_cases.forward_backward("cpu", torch.float64, rounded, case.relu, seed, dtype)
+    error = sanitizer_cases.relative_error(emulated_case(lib, case, seed), expected)
+    assert error <= sanitizer_cases.TOLERANCE[case.dtype], f"relative error {error:.2e}"
 
 
 # ---------------------------------------------------------------------------------------------
-# The gather of previous states (W_hh gradient of packed input).
+# The gather of previous states (W_hh gradient of packed input), on its own.
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
@@ -510,10 +579,12 @@ def test_step_gemm_pointwise_kernels(lib, packed, relu, dtype, monkeypatch):
 def test_gather_previous_states(lib, packed, dtype):
     use_device(lib, *SMALL)
     layer = Layer(stable_seed("gather", packed, str(dtype)), 5, 6, 23, 2, packed, False, dtype)
-    output = layer.cast(layer.pre)  # any values: the gather only moves them
+    output = layer.cast(layer.grad_output)  # any values: the gather only moves them
     hx = layer.cast(layer.hx)
     previous = torch.full_like(output, float("nan"))
-    batch_sizes, step_offsets = layer.device_steps()
+    batch_sizes, step_offsets = (
+        (layer.batch_sizes.contiguous(), layer.step_offsets.contiguous()) if packed else (None, None)
+    )
     assert (
         lib.emu_gather_previous_states(
             SCALAR_TYPES[dtype],
@@ -532,7 +603,7 @@ def test_gather_previous_states(lib, packed, dtype):
     # The state each row read: h0 at the first step of its sequence in that direction, else its
     # output at the direction's previous step.
     H = layer.hidden
-    padded_output = [layer.padded(output, d) for d in range(layer.directions)]
+    padded_output = [layer.padded(output)[:, :, d * H : (d + 1) * H] for d in range(layer.directions)]
     expected = []
     for d in range(layer.directions):
         per_step = torch.zeros(layer.steps, layer.batch, H, dtype=dtype)
@@ -619,6 +690,36 @@ def test_forced_regime_that_cannot_run_is_rejected(lib):
     assert plan_of(lib, torch.float32, 64, 8, 1)["regime"] == REGIMES["single_block"]
 
 
+# (SMs, opt-in shared bytes per block, cooperative launch): an H100/H200, small devices, and one
+# without cooperative launch. Each has 1 KB more shared memory per SM than a block may opt into.
+RULE_DEVICES = [
+    (132, 232448, 1),
+    (8, 48 * 1024, 1),
+    (2, 48 * 1024, 1),
+    (1, 100 * 1024, 1),
+    (16, 64 * 1024, 0),
+]
+
+
+@pytest.mark.parametrize(
+    "device", RULE_DEVICES, ids=[f"sm{d[0]}-optin{d[1]}-coop{d[2]}" for d in RULE_DEVICES]
+)
+def test_forced_regime_rule_of_the_gpu_tests_matches_the_planner(lib, device):
+    """tests/test_cuda.py lets a forced regime refuse a layer exactly where
+    helpers.forced_regime_must_run says the planner must: the rule agrees with the planner itself."""
+    sm_count, optin, cooperative = device
+    use_device(lib, sm_count, optin, optin + 1024, cooperative)
+    for dtype, hidden, directions, regime in itertools.product(
+        DTYPES,
+        [8, 21, 100, 200, 236, 256, 300, 512, 513, 600, 1100, 2048, 5000],
+        [1, 2],
+        ["single_block", "cooperative"],
+    ):
+        plan = plan_of(lib, dtype, hidden, 3, directions, regime)
+        expected = helpers.forced_regime_must_run(regime, hidden, sm_count, optin, cooperative, dtype)
+        assert (plan["rejected"] == 0) == expected, f"{regime} {dtype} H={hidden} D={directions}: {plan}"
+
+
 def test_cooperative_with_fewer_sms_than_directions(lib):
     """One SM and two directions: the planner once divided by the SMs per direction (0 here) and
     died of SIGFPE; now each direction gets a launch of its own, and the results are right."""
@@ -627,7 +728,6 @@ def test_cooperative_with_fewer_sms_than_directions(lib):
     assert plan["rejected"] == 0 and plan["regime"] == REGIMES["cooperative"], plan
     assert plan["launch_directions"] == 1 and plan["slices"] * plan["groups"] == 1, plan
     layer = Layer(11, 5, 4, 21, 2, True, True, torch.float64)
-    output, h_n, _, _ = layer.truth()
-    sequence, final, _ = run_persistent(lib, layer, "cooperative", 0, backward=False)
-    assert_agrees(sequence, output, torch.float64, "output")
-    assert_agrees(final, h_n, torch.float64, "h_n")
+    results, plan, _ = call_layer(lib, layer, "cooperative", 0)
+    assert plan["launch_directions"] == 1, plan
+    assert_layer_agrees(results, layer.truth(), torch.float64)

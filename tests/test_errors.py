@@ -414,42 +414,71 @@ def test_forward_op_rejects_bad_arguments(name):
 
 
 def _bad_backward_calls():
+    """name -> (the op's arguments, a regex of its error). The arguments are built here, outside the
+    test's pytest.raises, so that only the op's own check can satisfy it."""
     x, hx, w = _layer()
     output, h_n = forward_op(x, hx, w, None, False)
     go, gh = torch.randn_like(output), torch.randn_like(h_n)
     mask = [True, True, True]
+    match_dtype = r"grad_output, grad_h_n and output must match the input's dtype and device"
     return {
-        "grad_output shape": lambda: backward_op(go[:2], gh, x, hx, w, output, None, False, mask),
-        "grad_output dtype": lambda: backward_op(go.float(), gh, x, hx, w, output, None, False, mask),
-        "grad_h_n shape": lambda: backward_op(go, gh[:, :1], x, hx, w, output, None, False, mask),
-        "grad_h_n dtype": lambda: backward_op(go, gh.float(), x, hx, w, output, None, False, mask),
-        "output shape": lambda: backward_op(go, gh, x, hx, w, output[:, :, :2], None, False, mask),
-        "output of another shape with matching grad": lambda: backward_op(
-            go[:2], gh, x, hx, w, output[:2], None, False, mask
+        "grad_output shape": (
+            (go[:2], gh, x, hx, w, output, None, False, mask),
+            r"elman_backward: grad_output must have shape \[3, 2, 4\], got \[2, 2, 4\]",
         ),
-        "output dtype": lambda: backward_op(go, gh, x, hx, w, output.float(), None, False, mask),
-        "input dtype": lambda: backward_op(go, gh, x.float(), hx, w, output, None, False, mask),
-        "weights count": lambda: backward_op(go, gh, x, hx, w[:2] + w[:1], output, None, False, mask),
-        "weight shape": lambda: backward_op(go, gh, x, hx, [w[1], w[1], *w[2:]], output, None, False, mask),
-        "mask length": lambda: backward_op(go, gh, x, hx, w, output, None, False, [True, True]),
-        "batch_sizes mismatch": lambda: backward_op(
-            go.reshape(6, 4),
-            gh,
-            x.reshape(6, 3),
-            hx,
-            w,
-            output.reshape(6, 4),
-            torch.tensor([2, 2, 1]),
-            False,
-            mask,
+        "grad_output dtype": ((go.float(), gh, x, hx, w, output, None, False, mask), match_dtype),
+        "grad_h_n shape": (
+            (go, gh[:, :1], x, hx, w, output, None, False, mask),
+            r"elman_backward: grad_h_n must have shape \[1, 2, 4\], got \[1, 1, 4\]",
+        ),
+        "grad_h_n dtype": ((go, gh.float(), x, hx, w, output, None, False, mask), match_dtype),
+        "output shape": (
+            (go, gh, x, hx, w, output[:, :, :2], None, False, mask),
+            r"elman_backward: output must have shape \[3, 2, 4\], got \[3, 2, 2\]",
+        ),
+        "output of another shape with matching grad": (
+            (go[:2], gh, x, hx, w, output[:2], None, False, mask),
+            r"elman_backward: output must have shape \[3, 2, 4\], got \[2, 2, 4\]",
+        ),
+        "output dtype": ((go, gh, x, hx, w, output.float(), None, False, mask), match_dtype),
+        "input dtype": (
+            (go, gh, x.float(), hx, w, output, None, False, mask),
+            "elman_backward: hx dtype Double does not match input dtype Float",
+        ),
+        "weights count": (
+            (go, gh, x, hx, w[:2] + w[:1], output, None, False, mask),
+            r"elman_backward: weights must hold .* for each of the 1 direction\(s\), got 3 tensors",
+        ),
+        "weight shape": (
+            (go, gh, x, hx, [w[1], w[1], *w[2:]], output, None, False, mask),
+            r"elman_backward: weight_ih of direction 0 must have shape \[4, 3\], got \[4, 4\]",
+        ),
+        "mask length": (
+            (go, gh, x, hx, w, output, None, False, [True, True]),
+            "List with 2 elements to a fixed-size array of size 3",
+        ),
+        "batch_sizes mismatch": (
+            (
+                go.reshape(6, 4),
+                gh,
+                x.reshape(6, 3),
+                hx,
+                w,
+                output.reshape(6, 4),
+                torch.tensor([2, 2, 1]),
+                False,
+                mask,
+            ),
+            "elman_backward: packed input has 6 rows but batch_sizes sum to 5",
         ),
     }
 
 
 @pytest.mark.parametrize("name", sorted(_bad_backward_calls()))
 def test_backward_op_rejects_bad_arguments(name):
-    with pytest.raises(RuntimeError):
-        _bad_backward_calls()[name]()
+    arguments, message = _bad_backward_calls()[name]
+    with pytest.raises(RuntimeError, match=message):
+        backward_op(*arguments)
 
 
 # A second device: the CPU when testing CUDA; on a CPU-only build, the meta device (whose kernels
@@ -459,6 +488,9 @@ def _other_device(device):
 
 
 def _device_mismatches(device):
+    """name -> (op, its arguments, a regex of its error), built outside the test's pytest.raises.
+    The message comes from the CUDA op's argument checks, or from the fake (meta) implementation
+    where a CPU call has a meta tensor, so some regexes allow either wording."""
     x, hx, w = _layer()
     x, hx, w = x.to(device), hx.to(device), [t.to(device) for t in w]
     other = _other_device(device)
@@ -467,25 +499,44 @@ def _device_mismatches(device):
     go, gh = torch.randn_like(output), torch.randn_like(h_n)
     packed = x.reshape(6, 3)
     mask = [True, True, True]
+    parameter = "Input and parameter tensors are not at the same device"
+    gradients = "grad_output, grad_h_n and output must match the input's dtype and device"
     return {
-        "forward hx": lambda: forward_op(x, hx.to(other), w, None, False),
-        "forward weight": lambda: forward_op(x, hx, [w[0], w[1].to(other), *w[2:]], None, False),
-        # batch_sizes must be on the CPU whatever the input's device.
-        "forward batch_sizes": lambda: forward_op(
-            packed, hx, w, torch.tensor([2, 2, 2], device=non_cpu), False
+        "forward hx": (
+            forward_op,
+            (x, hx.to(other), w, None, False),
+            "Input and hidden tensors are not at the same device",
         ),
-        "backward grad_output": lambda: backward_op(go.to(other), gh, x, hx, w, output, None, False, mask),
-        "backward output": lambda: backward_op(go, gh, x, hx, w, output.to(other), None, False, mask),
-        "backward weight": lambda: backward_op(
-            go, gh, x, hx, [w[0], w[1].to(other), *w[2:]], output, None, False, mask
+        "forward weight": (forward_op, (x, hx, [w[0], w[1].to(other), *w[2:]], None, False), parameter),
+        # batch_sizes must be on the CPU whatever the input's device.
+        "forward batch_sizes": (
+            forward_op,
+            (packed, hx, w, torch.tensor([2, 2, 2], device=non_cpu), False),
+            "batch_sizes must be (a CPU tensor|a 1-D int64 CPU tensor)",
+        ),
+        "backward grad_output": (
+            backward_op,
+            (go.to(other), gh, x, hx, w, output, None, False, mask),
+            f"(rnn_ext: grad_output is on|{gradients})",
+        ),
+        "backward output": (
+            backward_op,
+            (go, gh, x, hx, w, output.to(other), None, False, mask),
+            f"(rnn_ext: output is on|{gradients})",
+        ),
+        "backward weight": (
+            backward_op,
+            (go, gh, x, hx, [w[0], w[1].to(other), *w[2:]], output, None, False, mask),
+            parameter,
         ),
     }
 
 
 @pytest.mark.parametrize("name", sorted(_device_mismatches("cpu")))
 def test_ops_reject_tensors_on_another_device(name, device, request):
-    with pytest.raises(RuntimeError):
-        _device_mismatches(device)[name]()
+    op, arguments, message = _device_mismatches(device)[name]
+    with pytest.raises(RuntimeError, match=message):
+        op(*arguments)
 
 
 def test_ops_reject_bad_arguments_with_runtime_error():

@@ -1,5 +1,6 @@
-"""Builds the host emulation of the CUDA kernels with g++: the real csrc/cuda launch code and kernels,
-the emulated runtime, and either the ctypes library the tests load or the ThreadSanitizer race driver.
+"""Builds the host emulation of the CUDA kernels with g++: the real csrc/cuda layer glue, launch code
+and kernels, the emulated runtime, and either the ctypes library the tests load or the
+ThreadSanitizer race driver.
 
     python tests/cuda_emulation/build.py library          # prints the path of the shared library
     python tests/cuda_emulation/build.py races [--csrc D] # builds and runs the race driver under TSan
@@ -37,6 +38,7 @@ def sources(csrc):
     return [
         (os.path.join(csrc, "cuda", "elman_launch.cu"), ["-x", "c++"] + emulation),
         (os.path.join(csrc, "cuda", "recurrence_plan.cpp"), []),
+        (os.path.join(csrc, "cuda", "layer_glue.cpp"), []),
         (os.path.join(HERE, "runtime.cpp"), emulation),
         (os.path.join(HERE, "api.cpp"), emulation),
     ]

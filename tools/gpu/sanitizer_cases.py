@@ -26,8 +26,10 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
 }
 # Relative to max(1, max |truth|), truth = the float64 CPU op on the arguments rounded to the dtype.
-# The half types store every step's state in 11 or 8 bits and carry the rounding on.
-TOLERANCE = {"float64": 1e-10, "float32": 2e-5, "float16": 1e-2, "bfloat16": 3e-2}
+# The half types store every step's state in 11 or 8 bits and carry the rounding on: about 3x the
+# worst error of the correct CUDA path measured on the CPU emulation (tests/test_cuda_emulation.py,
+# every case small enough for it, seeds 0-15): 8.0e-4 for float16, 6.1e-3 for bfloat16.
+TOLERANCE = {"float64": 1e-10, "float32": 2e-5, "float16": 2.5e-3, "bfloat16": 2e-2}
 # RNN_EXT_CUDA_MAX_SLICE value meaning ceil(hidden / SM count): the slices then need more than half
 # the chip, so one direction gets a single batch group (every block walks all the row tiles) and
 # two directions cannot share the chip (one cooperative launch per direction).
@@ -174,9 +176,12 @@ CASES = [
         48,
         directions=2,
         packed=True,
+        relu=True,
         max_slice=16,
-        covers="float64, packed",
+        covers="float64, packed, relu",
     ),
+    # tanh: a bfloat16 relu layer's pre-activations near zero flip relu's derivative under rounding,
+    # and a correct kernel's gradients then miss the float64 truth by O(1) (seed 10 did, 9.5e-2).
     Case(
         "cooperative_h40_bfloat16",
         "cooperative",
@@ -186,7 +191,6 @@ CASES = [
         5,
         40,
         directions=2,
-        relu=True,
         max_slice=16,
         covers="bfloat16",
     ),
