@@ -13,19 +13,22 @@
 #   make check-cuda-races     the emulated kernels under ThreadSanitizer, and proof that a removed
 #                    barrier is caught
 #   make dist-check  build the sdist from a clean export of HEAD, a wheel from it, install, smoke-test
+#   make check-torch-range  build HEAD against the oldest supported torch (OLDEST_TORCH) in its own
+#                    venv and run a quick subset of the tests (downloads that torch, ~3 GB)
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 CUDA_TORCH ?= torch==2.14.1
+OLDEST_TORCH ?= torch==2.11.0
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-DEPS := ninja pybind11 pytest hypothesis numpy matplotlib tqdm expecttest onnx onnxruntime onnxscript
+DEPS := ninja pybind11 pytest hypothesis numpy matplotlib tqdm expecttest onnx onnxruntime onnxscript opacus
 SOURCES := $(shell find csrc -type f) setup.py
 EXTENSION := $(VENV)/.rnn_ext-built
 
 .PHONY: all venv build test test-slow test-cuda test-tooling check lint format demo bench fuzz check-asan check-cuda \
-	check-cuda-emulated check-cuda-races dist-check clean
+	check-cuda-emulated check-cuda-races dist-check check-torch-range clean
 
 all: test
 
@@ -114,6 +117,9 @@ check-cuda-races:
 # Its own venv and a temporary folder: nothing here is used or touched. Two compile jobs, as on CI.
 dist-check:
 	PYTHON="$(PYTHON)" TORCH="$(TORCH)" MAX_JOBS=$${MAX_JOBS:-2} bash scripts/dist_check.sh
+
+check-torch-range:
+	PYTHON="$(PYTHON)" TORCH="$(OLDEST_TORCH)" MAX_JOBS=$${MAX_JOBS:-2} bash scripts/check_torch_range.sh
 
 clean:
 	rm -rf build build-* dist $(VENV) $(LINT_VENV) .venv-* rnn_ext/*.so rnn_ext/_build_info.py *.egg-info

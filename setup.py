@@ -19,12 +19,31 @@ Environment switches (all read at build time):
   MAX_JOBS                  parallel compile jobs (torch's switch; ninja's default otherwise).
 """
 
-import glob
-import os
-import re
+import platform
 import sys
 
-from setuptools import setup
+
+def check_platform():
+    """Stops the build, before any compiler runs, where the sources cannot build: the CPU kernels
+    are x86-64 AVX/AVX-512 intrinsics, built with GCC's OpenMP."""
+    machine = platform.machine()
+    if sys.platform.startswith("linux") and machine.lower() in ("x86_64", "amd64"):
+        return
+    sys.exit(
+        f"rnn_ext builds on Linux x86-64 only, and this is {sys.platform} {machine}: its CPU kernels "
+        "are x86-64 AVX2/AVX-512 code built with GCC and OpenMP. On this platform use torch.nn.RNN, "
+        "which rnn_ext.RNN replaces one for one."
+    )
+
+
+# First of all: setuptools and torch themselves may not even import on another platform.
+check_platform()
+
+import glob  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+
+from setuptools import setup  # noqa: E402
 
 try:
     import torch

@@ -12,6 +12,55 @@ from torch.autograd import forward_ad
 from .onnx import export_layers
 from .ops import elman_forward
 
+_disabled_torch_function = torch._C._disabled_torch_function_impl
+_tensor_torch_function = Tensor.__torch_function__.__func__
+
+
+@torch.jit.unused
+def overrides_torch_function(tensors: List[Tensor]) -> bool:
+    """True when a tensor among `tensors` is a subclass with a `__torch_function__` of its own
+    (ExpandedWeights of per-sample gradients, for one). Such a subclass handles torch's functions,
+    not rnn_ext's operator, so the layers must run as torch's own RNN function. A
+    TorchFunctionMode alone (`with torch.device(...)`) does not count, unlike
+    `torch.overrides.has_torch_function`."""
+    for tensor in tensors:
+        cls = type(tensor)
+        if cls is Tensor or cls is torch.nn.Parameter:
+            continue
+        function = getattr(cls, "__torch_function__", None)
+        if (
+            function is _disabled_torch_function
+            or getattr(function, "__func__", None) is _tensor_torch_function
+        ):
+            continue
+        return True
+    return False
+
+
+@torch.jit.unused
+def torch_function_layers(
+    input: Tensor,
+    hx: Tensor,
+    flat_weights: List[Tensor],
+    num_layers: int,
+    bidirectional: bool,
+    relu: bool,
+    dropout: float,
+    training: bool,
+    batch_sizes: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
+    """The layer stack as torch's rnn_tanh/rnn_relu, which nn.RNN calls: a tensor subclass that
+    overrides it (ExpandedWeights decomposes it into cells) then sees what it sees with nn.RNN."""
+    has_biases = len(flat_weights) // (num_layers * (2 if bidirectional else 1)) == 4
+    function = torch._VF.rnn_relu if relu else torch._VF.rnn_tanh
+    if batch_sizes is None:
+        return function(
+            input, hx, flat_weights, has_biases, num_layers, dropout, training, bidirectional, False
+        )
+    return function(
+        input, batch_sizes, hx, flat_weights, has_biases, num_layers, dropout, training, bidirectional
+    )
+
 
 @torch.jit.unused
 def composite_layer(
@@ -108,6 +157,10 @@ def run_layers(
                 input, hx, flat_weights, num_layers, bidirectional, relu, dropout, training, batch_sizes
             )
         if not torch.compiler.is_compiling():
+            if overrides_torch_function([input, hx] + list(flat_weights)):
+                return torch_function_layers(
+                    input, hx, flat_weights, num_layers, bidirectional, relu, dropout, training, batch_sizes
+                )
             composite = needs_composite(input, hx, flat_weights)
     return stack_layers(
         input, hx, flat_weights, num_layers, bidirectional, relu, dropout, training, batch_sizes, composite

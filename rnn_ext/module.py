@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence
 
-from .layers import run_layers, stack_layers
+from .checkpoint import check_state
+from .layers import overrides_torch_function, run_layers, stack_layers
 from .onnx import reject_packed_export
 from .ops import elman_forward
 
@@ -183,6 +184,8 @@ class RNN(nn.RNNBase):
         for weight in weights:
             if weight is None:
                 return None
+            if type(weight) is not nn.Parameter and overrides_torch_function([weight]):
+                return None  # ExpandedWeights and other tensor subclasses: run_layers routes them
         shape = input.shape
         if self.batch_first:
             batch, steps = shape[0], shape[1]
@@ -212,6 +215,12 @@ class RNN(nn.RNNBase):
         if output.requires_grad:
             output = output.clone()  # why: see the general path
         return output, h_n
+
+    def __setstate__(self, state):
+        # Unpickling (torch.load of a whole model, deepcopy): the state may come from an untrusted
+        # checkpoint, since this class is a safe global for weights_only loads (below).
+        check_state(state)
+        super().__setstate__(state)
 
     def _weights_have_changed(self):
         # nn.RNNBase's version calls hasattr/getattr per weight (Module.__getattr__ is slow); the
@@ -247,3 +256,10 @@ class RNN(nn.RNNBase):
             input, hx = cast(input), cast(hx)
             weights = [cast(w) for w in weights]
         return input, hx, weights
+
+
+# Whole-model checkpoints: `torch.load(path, weights_only=True)` rebuilds only allow-listed classes.
+# A user's allow-list names torch.nn.modules.rnn.RNN, not this class; registered here, a checkpoint
+# holding rnn_ext.RNN loads wherever the same checkpoint with nn.RNN does. Process-wide, once
+# rnn_ext is imported; what it admits is this one class, whose __setstate__ checks the state.
+torch.serialization.add_safe_globals([RNN])
