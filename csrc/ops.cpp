@@ -3,6 +3,9 @@
 #include <torch/library.h>
 #include <torch/extension.h>
 
+#include <string>
+
+#include "cpu/bf16_kernels.h"
 #include "cpu/row_matmul.h"
 #include "cpu/team.h"
 
@@ -28,8 +31,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("built_with_cuda") = false;
 #endif
-  m.def("cpu_kernel", &rnn_ext::cpu::kernel_name,
-        "The build of the CPU kernel chosen for this CPU: AVX-512, AVX+FMA or baseline");
+  m.def(
+      "cpu_kernel",
+      [] {
+        std::string name = rnn_ext::cpu::kernel_name();
+        if (rnn_ext::cpu::bf16_available()) name += "+BF16";
+        return name;
+      },
+      "The build of the CPU kernel chosen for this CPU: AVX-512, AVX+FMA or baseline, with "
+      "+BF16 where bfloat16 layers use the AVX-512 BF16 kernels");
   m.def(
       "_cpu_phase_stats",
       [](bool reset) {

@@ -152,7 +152,7 @@ def test_python_m_rnn_ext_prints_the_build_report():
 
 
 def _kernel_in_subprocess(**env_changes):
-    env = {k: v for k, v in os.environ.items() if k != "RNN_EXT_NO_AVX512"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RNN_EXT_NO_AVX512", "RNN_EXT_NO_BF16")}
     env.update(env_changes)
     code = "import rnn_ext; print(rnn_ext._C.cpu_kernel())"
     return subprocess.run(
@@ -166,6 +166,8 @@ def test_cpu_kernel_follows_the_cpu_flags():
     flags = machine.cpu_flags()
     if {"avx512f", "avx512vl", "avx512dq", "fma"} <= flags:
         expected = "AVX-512"
+        if {"avx512bw", "avx512_bf16"} <= flags:
+            expected += "+BF16"
     elif {"avx", "fma"} <= flags:
         expected = "AVX+FMA"
     else:
@@ -174,6 +176,8 @@ def test_cpu_kernel_follows_the_cpu_flags():
     assert _extension.cpu_kernel_path() == rnn_ext._C.cpu_kernel()
     if {"avx", "fma"} <= flags:
         assert _kernel_in_subprocess(RNN_EXT_NO_AVX512="1") == "AVX+FMA"
+    if expected.endswith("+BF16"):
+        assert _kernel_in_subprocess(RNN_EXT_NO_BF16="1") == "AVX-512"
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,8 @@
 
 #include "../elman.h"
 #include "../layer_args.h"
+#include "bf16_kernels.h"
+#include "bf16_layer.h"
 #include "row_matmul.h"
 #include "team.h"
 
@@ -478,6 +480,8 @@ std::tuple<at::Tensor, at::Tensor> elman_forward_cpu(const at::Tensor& input, co
                                                      bool relu) {
   const LayerArgs args =
       read_layer_args("rnn_ext::elman_forward", input, hx, weights, batch_sizes, relu);
+  if (input.scalar_type() == at::kBFloat16 && cpu::bf16_available())
+    return cpu::elman_forward_bf16(args, input, hx);
   if (computes_in_float(input)) {
     auto [output, h_n] = elman_forward_cpu(input.to(at::kFloat), hx.to(at::kFloat),
                                            to_float(weights), batch_sizes, relu);
@@ -503,6 +507,9 @@ BackwardResult elman_backward_cpu(const at::Tensor& grad_output, const at::Tenso
   const LayerArgs args = read_backward_args(op_name, grad_output, grad_h_n, input, hx, weights,
                                             output, batch_sizes, relu);
   const ElmanShape& s = args.shape;
+  if (input.scalar_type() == at::kBFloat16 && cpu::bf16_available())
+    return cpu::elman_backward_bf16(args, grad_output, grad_h_n, input, hx, weights, output,
+                                    output_mask);
   if (computes_in_float(input)) {
     auto [gi, gh, gw] =
         elman_backward_cpu(grad_output.to(at::kFloat), grad_h_n.to(at::kFloat),
