@@ -26,6 +26,8 @@ PIP := $(VENV)/bin/pip
 DEPS := ninja pybind11 pytest hypothesis numpy matplotlib tqdm expecttest onnx onnxruntime onnxscript opacus
 SOURCES := $(shell find csrc -type f) setup.py
 EXTENSION := $(VENV)/.rnn_ext-built
+# The benchmark's optional peers, installed by `make bench` only (neither pins nor replaces torch).
+BENCH_DEPS := openvino "jax[cpu]"
 
 .PHONY: all venv build test test-slow test-cuda test-tooling check lint format demo bench fuzz check-asan check-cuda \
 	check-cuda-emulated check-cuda-races dist-check check-torch-range clean
@@ -95,7 +97,11 @@ format: $(LINT_VENV)/.installed
 demo: build
 	$(PY) examples/sine_to_cosine.py
 
-bench: build
+$(VENV)/.bench-deps-installed: $(VENV)/.deps-installed
+	$(PIP) install --quiet $(BENCH_DEPS)
+	touch $@
+
+bench: build $(VENV)/.bench-deps-installed
 	$(PY) benchmarks/bench.py
 
 fuzz: build

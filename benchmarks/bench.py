@@ -1,14 +1,24 @@
 """Times rnn_ext.RNN against its peers carrying the same weights, in one process, alternating the
 sides round by round; writes a table, a JSON record and a speedup plot under benchmarks/results/.
 
-Peers: torch.nn.RNN everywhere; on the CPU also a torch.compile'd step loop (F.linear + tanh) and,
-for the forward, onnxruntime running nn.RNN's ONNX export. Each CPU config also gets a torch.mm
-FLOP rate measured in the same run on the same threads, a char-level LM training step, and the
-peak memory of a long forward+backward (each side in a fresh subprocess).
+Peers: torch.nn.RNN everywhere; on the CPU also a torch.compile'd step loop (F.linear + tanh),
+JAX (jax.jit of a lax.scan Elman stack; jax.value_and_grad for forward+backward) and, for the
+forward, onnxruntime and OpenVINO (float32, and the CPU plugin's default precision: bf16 on a CPU
+with avx512_bf16) running nn.RNN's ONNX export; each peer's max error against nn.RNN is recorded.
+A peer whose package is missing is skipped (`make bench` installs them). The CPU's FMA peak (fp32,
+and bf16 where the CPU has it) is measured in the same run by a small probe (benchmarks/fma_probe.c,
+compiled at run time), on 1 thread and on the benchmark's threads; every row reports rnn_ext's
+fraction of that peak beside its fraction of torch.mm's rate on the config's recurrent shape. Each
+CPU config also gets a char-level LM training step and the peak memory of a long forward+backward
+(each side in a fresh subprocess).
+
+OpenVINO's TBB threads and XLA's pool may keep spinning beside torch's OpenMP threads: --isolate
+times every side (rnn_ext and each peer) in a process of its own, one after the other.
 
     python benchmarks/bench.py                      # CPU grid, and CUDA if present
     python benchmarks/bench.py --quick --device cpu
     python benchmarks/bench.py --configs "100,32,64,128,1,tm;50,16,100,200,2,bidir" --threads 1
+    python benchmarks/bench.py --device cpu --isolate --no-extras
 
 A config is T,B,I,H,layers, then optional flags: bidir (bidirectional), tm (time-major input;
 batch-first otherwise).
@@ -30,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import matplotlib
+import numpy
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
@@ -117,6 +128,9 @@ class Result:
     ext_gflops: float = 0.0
     mm_gflops: float = 0.0  # torch.mm on the config's recurrent shape, same run, same threads
     fraction_of_mm: float = 0.0
+    fma_peak_gflops: float = 0.0  # the probe's fp32 peak on the same threads (half for float64)
+    fraction_of_peak: float | None = None
+    peer_errors: dict = field(default_factory=dict)  # max |peer - nn.RNN| of each foreign peer's forward
     compile_s: float | None = None  # torch.compile of the loop peer, first call included
     rounds_us: dict = field(default_factory=dict)
 
@@ -175,6 +189,61 @@ def cpu_flags() -> dict:
     except OSError:
         pass
     return {}
+
+
+def fma_peaks(threads: int) -> dict:
+    """GFLOP/s of the probe in benchmarks/fma_probe.c (independent FMA chains, no memory traffic) on
+    1 thread and on `threads`: fp32 (AVX-512, else AVX2+FMA) and bf16 (vdpbf16ps) where the CPU has
+    it; the best of several short runs, since a neighbour's load only ever slows a run down. Compiled
+    at run time with the system C compiler (cc), so it needs no rebuild of the extension and measures
+    the CPU, not how the extension was built. {} when there is no compiler or no FMA."""
+    import ctypes
+    import shutil
+    import tempfile
+
+    flags = cpu_flags()
+    kinds = {}
+    if flags.get("avx512f"):
+        kinds["fp32"] = 0
+    elif flags.get("avx2") and flags.get("fma"):
+        kinds["fp32"] = 1
+    if flags.get("avx512f") and flags.get("avx512_bf16"):
+        kinds["bf16"] = 2
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if not kinds or compiler is None:
+        return {}
+    with tempfile.TemporaryDirectory() as folder:
+        library = Path(folder) / "fma_probe.so"
+        source = REPO / "benchmarks" / "fma_probe.c"
+        build = [compiler, "-O3", "-shared", "-fPIC", "-o", str(library), str(source), "-lpthread"]
+        if subprocess.run(build, capture_output=True).returncode != 0:
+            return {}
+        probe = ctypes.CDLL(str(library))  # ctypes drops the GIL around each call
+    probe.probe_seconds.restype = ctypes.c_double
+    probe.probe_seconds.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+    probe.probe_flops_per_iteration.restype = ctypes.c_double
+    probe.probe_flops_per_iteration.argtypes = [ctypes.c_int]
+    peaks = {"instruction_set": "AVX-512" if kinds.get("fp32") == 0 else "AVX2+FMA"}
+    for name, kind in kinds.items():
+        per_iteration = probe.probe_flops_per_iteration(kind)
+        rates = {}
+        for count in sorted({1, threads}):
+            iterations = 200_000
+            while True:  # about 20 ms a run on a quiet machine
+                seconds = probe.probe_seconds(kind, count, iterations)
+                if seconds < 0 or seconds >= 0.02:
+                    break
+                iterations *= 2
+            best = min(probe.probe_seconds(kind, count, iterations) for _ in range(7))
+            rates[str(count)] = per_iteration * iterations * count / best / 1e9 if best > 0 else 0.0
+        peaks[name] = rates
+    return peaks
+
+
+def peak_for(peaks: dict, dtype: str, threads: int) -> float:
+    """The fp32 FMA peak on `threads`; float64 vectors hold half the lanes, so half of it."""
+    rate = peaks.get("fp32", {}).get(str(threads), 0.0)
+    return rate / 2 if dtype == "float64" else rate
 
 
 def cuda_usable() -> bool:
@@ -316,13 +385,8 @@ def compiled_loop(reference, config, mode):
     return _COMPILED[key]
 
 
-def onnx_forward(reference, tensors, threads):
-    """An onnxruntime session on nn.RNN's ONNX export (one RNN node per layer), or None when the
-    ONNX packages are missing."""
-    try:
-        import onnxruntime
-    except ImportError:
-        return None
+def onnx_export(reference, tensors) -> bytes:
+    """nn.RNN through the legacy exporter: one ONNX RNN node per layer."""
     import io
 
     x, h0, _, _ = tensors
@@ -330,16 +394,127 @@ def onnx_forward(reference, tensors, threads):
     torch.onnx.export(
         reference, (x, h0), buffer, dynamo=False, input_names=["x", "h0"], output_names=["output", "h_n"]
     )
+    return buffer.getvalue()
+
+
+def onnx_forward(reference, tensors, threads):
+    """An onnxruntime session on nn.RNN's ONNX export, or None when the ONNX packages are missing."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    x, h0, _, _ = tensors
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(
+        onnx_export(reference, tensors), options, providers=["CPUExecutionProvider"]
+    )
     feeds = {"x": x.numpy(), "h0": h0.numpy()}
 
     def call():
         return session.run(None, feeds)
 
     return call
+
+
+def openvino_forward(reference, tensors, threads, precision):
+    """OpenVINO's CPU plugin on nn.RNN's ONNX export (oneDNN's fused RNN primitive), or None when
+    openvino is missing. precision "f32" forces float32; "default" keeps what the plugin picks
+    (bf16 on a CPU with avx512_bf16)."""
+    try:
+        import openvino
+    except ImportError:
+        return None
+    import tempfile
+
+    x, h0, _, _ = tensors
+    core = openvino.Core()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "rnn.onnx"
+        path.write_bytes(onnx_export(reference, tensors))
+        model = core.read_model(str(path))
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    if precision == "f32":
+        config["INFERENCE_PRECISION_HINT"] = "f32"
+    compiled = core.compile_model(model, "CPU", config)
+    request = compiled.create_infer_request()
+    feeds = {"x": x.numpy(), "h0": h0.numpy()}
+
+    def call():
+        request.infer(feeds)
+        return [request.get_output_tensor(i).data for i in range(2)]
+
+    return call
+
+
+def jax_elman(reference, tensors, mode):
+    """jax.jit of nn.RNN's arithmetic as a lax.scan per layer and direction, on the same weights;
+    forward+backward is jax.value_and_grad of sum(output * grad_output) + sum(h_n * grad_h_n) over
+    the parameters (the same gradients autograd computes here). None when jax is missing."""
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        return None
+    r = reference
+    directions = 2 if r.bidirectional else 1
+    activation = jnp.tanh if r.nonlinearity == "tanh" else jax.nn.relu
+    params = {name: jnp.asarray(p.detach().numpy()) for name, p in r.named_parameters()}
+    x, h0, grad_output, grad_h_n = (jnp.asarray(t.numpy()) for t in tensors)
+
+    def forward(params, x, h0):
+        layer_input = jnp.swapaxes(x, 0, 1) if r.batch_first else x
+        finals = []
+        for layer in range(r.num_layers):
+            outputs = []
+            for direction in range(directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                w_ih, w_hh = params["weight_ih" + suffix], params["weight_hh" + suffix]
+                projected = layer_input @ w_ih.T
+                if r.bias:
+                    projected = projected + (params["bias_ih" + suffix] + params["bias_hh" + suffix])
+
+                def step(h, p, w_hh=w_hh):
+                    h = activation(p + h @ w_hh.T)
+                    return h, h
+
+                last, states = jax.lax.scan(
+                    step, h0[layer * directions + direction], projected, reverse=bool(direction)
+                )
+                outputs.append(states)
+                finals.append(last)
+            layer_input = outputs[0] if directions == 1 else jnp.concatenate(outputs, -1)
+        output = jnp.swapaxes(layer_input, 0, 1) if r.batch_first else layer_input
+        return output, jnp.stack(finals)
+
+    if mode == "forward":
+        compiled = jax.jit(forward)
+
+        def call():
+            return jax.block_until_ready(compiled(params, x, h0))
+
+        return call
+
+    def loss(params):
+        output, h_n = forward(params, x, h0)
+        return jnp.sum(output * grad_output) + jnp.sum(h_n * grad_h_n)
+
+    compiled = jax.jit(jax.value_and_grad(loss))
+
+    def call():
+        return jax.block_until_ready(compiled(params))
+
+    return call
+
+
+def peer_error(reference, call, tensors) -> float:
+    """Max abs difference of a foreign peer's forward (output, h_n) from nn.RNN's."""
+    x, h0, _, _ = tensors
+    with torch.no_grad():
+        output, h_n = reference(x, h0)
+    theirs = [torch.from_numpy(numpy.array(t, dtype=numpy.float32)) for t in call()[:2]]
+    return max((output - theirs[0]).abs().max().item(), (h_n - theirs[1]).abs().max().item())
 
 
 def timed_call(module, mode, tensors):
@@ -390,41 +565,147 @@ def mm_rate(config, device, dtype, threads, min_run_time) -> float:
     return 2.0 * seq_len * batch * hidden * hidden / seconds / 1e9
 
 
-def run_case(device, dtype_name, config, mode, args, bar) -> Result:
-    dtype = DTYPES[dtype_name]
-    reference, candidate, tensors = make_pair(config, device, dtype, args.seed)
-    difference = output_difference(reference, candidate, tensors)
-    calls = {"nn.RNN": timed_call(reference, mode, tensors), "rnn_ext": timed_call(candidate, mode, tensors)}
-    compile_s = None
-    if device == "cpu" and "compiled" in args.peers:
+PEERS = ("compiled", "onnxruntime", "openvino", "jax")
+LOWER_PRECISION = ("openvino default",)
+
+
+def available(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def planned_sides(device, dtype, mode, args) -> list[str]:
+    """rnn_ext and the peers that time this case: the foreign ones run float32 on the CPU, the
+    ONNX ones the forward only, each when its package is installed."""
+    sides = ["nn.RNN", "rnn_ext"]
+    if device != "cpu":
+        return sides
+    if "compiled" in args.peers:
+        sides.append("compiled loop")
+    if dtype != torch.float32:
+        return sides
+    if mode == "forward" and "onnxruntime" in args.peers and available("onnxruntime"):
+        sides.append("onnxruntime")
+    if mode == "forward" and "openvino" in args.peers and available("openvino"):
+        sides += ["openvino f32", "openvino default"]
+    if "jax" in args.peers and available("jax"):
+        sides.append("jax")
+    return sides
+
+
+def make_call(side, reference, candidate, config, mode, tensors, args):
+    """(the timed call, seconds of its first call when that compiles, its max forward error
+    against nn.RNN or None)."""
+    if side in ("nn.RNN", "rnn_ext"):
+        return timed_call(reference if side == "nn.RNN" else candidate, mode, tensors), None, None
+    if side == "compiled loop":
         loop = compiled_loop(reference, config, mode)
         start = time.perf_counter()
         with torch.set_grad_enabled(mode != "forward"):
             timed_call(loop, mode, tensors)()
+        return timed_call(loop, mode, tensors), time.perf_counter() - start, None
+    if side == "onnxruntime":
+        call = onnx_forward(reference, tensors, args.threads)
+        return call, None, peer_error(reference, call, tensors)
+    if side.startswith("openvino"):
+        call = openvino_forward(reference, tensors, args.threads, side.split()[1])
+        return call, None, peer_error(reference, call, tensors)
+    if side == "jax":
+        start = time.perf_counter()
+        call = jax_elman(reference, tensors, mode)
+        call()
         compile_s = time.perf_counter() - start
-        calls["compiled loop"] = timed_call(loop, mode, tensors)
-    if device == "cpu" and mode == "forward" and dtype == torch.float32 and "onnxruntime" in args.peers:
-        onnx_call = onnx_forward(reference, tensors, args.threads)
-        if onnx_call is not None:
-            calls["onnxruntime"] = onnx_call
-    for call in calls.values():  # lazy initialisation and allocator warm-up stay out of round one
-        with torch.set_grad_enabled(mode != "forward"):
-            call()
-            call()
-    rounds = {side: [] for side in calls}
-    sides = list(calls)
-    for round_index in range(args.rounds):
-        # Rotating which side goes first each round spreads slow drifts (clock, neighbours' load)
-        # evenly over all sides.
-        shift = round_index % len(sides)
-        for side in sides[shift:] + sides[:shift]:
-            bar.set_postfix_str(f"{device} {config_label(config)} {mode} {side}", refresh=True)
-            rounds[side].append(measure(calls[side], mode, args.threads, args.min_run_time) * 1e6)
-            bar.update()
+        # The forward case records the error; the gradient call returns no outputs to compare.
+        return call, compile_s, peer_error(reference, call, tensors) if mode == "forward" else None
+    raise ValueError(side)
+
+
+def worker(args, modes) -> int:
+    """--worker SIDE: time one side of one case in this process, print its rounds as JSON."""
+    (config,), (mode,) = args.configs, modes
+    dtype = DTYPES[args.dtype]
+    torch.set_num_threads(args.threads)
+    reference, candidate, tensors = make_pair(config, "cpu", dtype, args.seed)
+    call, compile_s, error = make_call(args.worker, reference, candidate, config, mode, tensors, args)
+    with torch.set_grad_enabled(mode != "forward"):
+        call()
+        call()
+    rounds = [measure(call, mode, args.threads, args.min_run_time) * 1e6 for _ in range(args.rounds)]
+    print(json.dumps({"rounds_us": rounds, "compile_s": compile_s, "error": error}))
+    return 0
+
+
+def isolated_rounds(side, config, mode, args) -> dict:
+    """One side's rounds timed in a fresh process of this script."""
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        side,
+        "--configs",
+        ",".join(str(v) for v in config),
+        "--modes",
+        mode,
+        "--dtype",
+        args.dtype,
+        "--threads",
+        str(args.threads),
+        "--rounds",
+        str(args.rounds),
+        "--min-run-time",
+        str(args.min_run_time),
+        "--seed",
+        str(args.seed),
+        "--peers",
+        ",".join(sorted(args.peers)),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{side} {config} {mode} in its own process failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_case(device, dtype_name, config, mode, args, bar, peaks) -> Result:
+    dtype = DTYPES[dtype_name]
+    reference, candidate, tensors = make_pair(config, device, dtype, args.seed)
+    difference = output_difference(reference, candidate, tensors)
+    sides = planned_sides(device, dtype, mode, args)
+    rounds = {side: [] for side in sides}
+    errors, compile_seconds = {}, {}
+    if args.isolate and device == "cpu":
+        for side in sides:
+            bar.set_postfix_str(f"{config_label(config)} {mode} {side} (own process)", refresh=True)
+            record = isolated_rounds(side, config, mode, args)
+            rounds[side] = record["rounds_us"]
+            errors[side], compile_seconds[side] = record["error"], record["compile_s"]
+            bar.update(args.rounds)
+    else:
+        calls = {}
+        for side in sides:
+            calls[side], compile_seconds[side], errors[side] = make_call(
+                side, reference, candidate, config, mode, tensors, args
+            )
+        for call in calls.values():  # lazy initialisation and allocator warm-up stay out of round one
+            with torch.set_grad_enabled(mode != "forward"):
+                call()
+                call()
+        for round_index in range(args.rounds):
+            # Rotating which side goes first each round spreads slow drifts (clock, neighbours'
+            # load) evenly over all sides.
+            shift = round_index % len(sides)
+            for side in sides[shift:] + sides[:shift]:
+                bar.set_postfix_str(f"{device} {config_label(config)} {mode} {side}", refresh=True)
+                rounds[side].append(measure(calls[side], mode, args.threads, args.min_run_time) * 1e6)
+                bar.update()
+    errors = {side: e for side, e in errors.items() if e is not None}
+    compile_s = compile_seconds.get("compiled loop")
     medians = {side: statistics.median(r) for side, r in rounds.items()}
     nn_us, ext_us = medians["nn.RNN"], medians["rnn_ext"]
     peers = {side: us for side, us in medians.items() if side != "rnn_ext"}
-    best_peer = min(peers, key=peers.get)
+    # The plugin's default precision computes in bf16 on a CPU with avx512_bf16: reported, but not
+    # a float32 peer to beat.
+    best_peer = min((side for side in peers if side not in LOWER_PRECISION), key=peers.get)
     target = None
     if device == "cpu" and dtype == torch.float32:
         target = CPU_TARGETS.get(tuple(config), {}).get(mode)
@@ -459,6 +740,11 @@ def run_case(device, dtype_name, config, mode, args, bar) -> Result:
         ext_gflops=ext_gflops,
         mm_gflops=mm_gflops,
         fraction_of_mm=ext_gflops / mm_gflops,
+        fma_peak_gflops=peak_for(peaks, dtype_name, args.threads) if device == "cpu" else 0.0,
+        fraction_of_peak=ext_gflops / peak_for(peaks, dtype_name, args.threads)
+        if device == "cpu" and peak_for(peaks, dtype_name, args.threads) > 0
+        else None,
+        peer_errors=errors,
         compile_s=compile_s,
         rounds_us=rounds,
     )
@@ -568,73 +854,121 @@ def memory_case(threads) -> dict:
     }
 
 
+def short_label(r) -> str:
+    """T,B,I,H,layers plus bi (bidirectional) and tm (time-major): the config in a dozen characters."""
+    c = r.config
+    return (
+        f"{c['T']},{c['B']},{c['I']},{c['H']},{c['layers']}"
+        + (",bi" if c["bidirectional"] else "")
+        + ("" if c["batch_first"] else ",tm")
+    )
+
+
+# (column header, peer name) of the table, in order.
+TABLE_PEERS = (
+    ("nn.RNN", "nn.RNN"),
+    ("compiled", "compiled loop"),
+    ("onnxrt", "onnxruntime"),
+    ("ov f32", "openvino f32"),
+    ("ov dflt", "openvino default"),
+    ("jax", "jax"),
+)
+
+
 def print_table(results) -> None:
     header = (
-        f"{'device':<6} {'config':<28} {'mode':<16} {'nn.RNN us':>10} {'compiled us':>11} "
-        f"{'onnxrt us':>10} {'rnn_ext us':>10} {'vs nn':>7} {'vs best':>7} {'GFLOP/s':>8} "
-        f"{'of mm':>6} {'spread':>6}  target"
+        f"{'device':<6} {'T,B,I,H,L':<20} {'mode':<8} "
+        + " ".join(f"{name:>9}" for name, _ in TABLE_PEERS)
+        + f" {'rnn_ext':>9} {'vs nn':>7} {'vs best':>8} {'GFLOP/s':>8} {'of peak':>7} {'of mm':>6} "
+        f"{'spread':>6}  target"
     )
+    print("times in us")
     print(header)
     print("-" * len(header))
     for r in results:
-        label = ",".join(str(v) for v in list(r.config.values())[:5])
-        label += (",bidir" if r.config["bidirectional"] else "") + ("" if r.config["batch_first"] else ",tm")
         target = "" if r.target is None else f">={r.target:g}x {'met' if r.met else 'MISSED'}"
         best = f"{r.ratio_vs_best:.2f}x" + ("" if r.ratio_vs_best >= 1 else "!")
-
-        def peer(name):
-            value = r.peers_us.get(name)  # noqa: B023 (called within this iteration)
-            return f"{value:>10.1f}" if value is not None else f"{'-':>10}"
-
-        print(
-            f"{r.device:<6} {label:<28} {r.mode:<16} {r.nn_us:>10.1f} {peer('compiled loop'):>11} "
-            f"{peer('onnxruntime')} {r.ext_us:>10.1f} {r.ratio:>6.2f}x {best:>7} "
-            f"{r.ext_gflops:>8.1f} {r.fraction_of_mm:>6.0%} {r.spread:>6.0%}  {target}"
+        peers = " ".join(
+            f"{r.peers_us[side]:>9.1f}" if side in r.peers_us else f"{'-':>9}" for _, side in TABLE_PEERS
         )
+        peak = f"{r.fraction_of_peak:>7.0%}" if r.fraction_of_peak is not None else f"{'-':>7}"
+        mode = "fwd" if r.mode == "forward" else "fwd+bwd"
+        print(
+            f"{r.device:<6} {short_label(r):<20} {mode:<8} {peers} {r.ext_us:>9.1f} {r.ratio:>6.2f}x "
+            f"{best:>8} {r.ext_gflops:>8.1f} {peak} {r.fraction_of_mm:>6.0%} {r.spread:>6.0%}  {target}"
+        )
+
+
+PEER_STYLE = {
+    "nn.RNN": ("o", "tab:gray"),
+    "compiled loop": ("s", "tab:brown"),
+    "onnxruntime": ("^", "tab:purple"),
+    "openvino f32": ("D", "tab:red"),
+    "openvino default": ("d", "tab:pink"),
+    "jax": ("v", "tab:green"),
+}
 
 
 def plot(results, path: Path, title: str) -> None:
+    """Per device and dtype: one panel per mode with every peer's time over rnn_ext's (a marker per
+    peer, log scale; above 1 = rnn_ext is faster), and a panel of rnn_ext's fraction of the FMA peak
+    (CPU; bars per mode)."""
     groups = sorted({(r.device, r.dtype) for r in results}, key=lambda g: (g[0] != "cpu", g[1]))
-    figure, axes = plt.subplots(
-        len(groups), 1, figsize=(13, 4.6 * len(groups)), squeeze=False, constrained_layout=True
-    )
-    width = 0.38
-    colors = {"forward": "tab:blue", "forward+backward": "tab:orange"}
-    for axis, (device, dtype) in zip(axes[:, 0], groups):
+    panels = []
+    for device, dtype in groups:
         group = [r for r in results if (r.device, r.dtype) == (device, dtype)]
-
-        def label_of(r):
-            extra = (" bidir" if r.config["bidirectional"] else "") + (
-                "" if r.config["batch_first"] else " tm"
+        for mode in MODES:
+            if any(r.mode == mode for r in group):
+                panels.append(("ratio", device, dtype, mode, group))
+        if any(r.fraction_of_peak is not None for r in group):
+            panels.append(("peak", device, dtype, None, group))
+    figure, axes = plt.subplots(
+        len(panels), 1, figsize=(12, 3.4 * len(panels)), squeeze=False, constrained_layout=True
+    )
+    for axis, (kind, device, dtype, mode, group) in zip(axes[:, 0], panels):
+        labels = list(dict.fromkeys(short_label(r) for r in group))
+        positions = range(len(labels))
+        if kind == "ratio":
+            rows = {short_label(r): r for r in group if r.mode == mode}
+            names = [side for side in PEER_STYLE if any(side in r.peers_us for r in rows.values())]
+            spread = 0.5 / max(len(names), 1)
+            for index, side in enumerate(names):
+                marker, color = PEER_STYLE[side]
+                xs, ys = [], []
+                for position, label in zip(positions, labels):
+                    r = rows.get(label)
+                    if r is not None and side in r.peers_us:
+                        xs.append(position + (index - (len(names) - 1) / 2) * spread)
+                        ys.append(r.peers_us[side] / r.ext_us)
+                axis.scatter(xs, ys, marker=marker, color=color, label=side, s=36, zorder=3)
+            axis.axhline(1.0, color="0.3", linewidth=0.9, linestyle="--")
+            axis.set_yscale("log")
+            axis.set_ylabel("peer time / rnn_ext time")
+            axis.set_title(f"{device} {dtype}, {mode}: above 1 = rnn_ext faster", fontsize=10)
+            axis.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+            axis.margins(y=0.25)
+        else:
+            width = 0.38
+            for offset, each, color in zip((-width / 2, width / 2), MODES, ("tab:blue", "tab:orange")):
+                xs, ys = [], []
+                for r in group:
+                    if r.mode == each and r.fraction_of_peak is not None:
+                        xs.append(labels.index(short_label(r)) + offset)
+                        ys.append(100 * r.fraction_of_peak)
+                bars = axis.bar(xs, ys, width, color=color, label=each)
+                axis.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
+            peak = next(r.fma_peak_gflops for r in group if r.fraction_of_peak is not None)
+            axis.set_ylabel("% of FMA peak")
+            axis.set_title(
+                f"{device} {dtype}: rnn_ext GFLOP/s as % of the measured FMA peak ({peak:.0f} GFLOP/s)",
+                fontsize=10,
             )
-            return config_label(tuple(r.config.values())[:5]) + extra
-
-        labels = list(dict.fromkeys(label_of(r) for r in group))
-        for offset, mode in zip((-width / 2, width / 2), MODES):
-            for r in (r for r in group if r.mode == mode):
-                position = labels.index(label_of(r)) + offset
-                axis.bar(position, r.ratio_vs_best, width, color=colors[mode], label=mode)
-                axis.annotate(
-                    f"{r.ratio_vs_best:.2f}x\\n{r.fraction_of_mm:.0%}mm",
-                    (position, r.ratio_vs_best),
-                    ha="center",
-                    va="bottom",
-                    fontsize=7,
-                    xytext=(0, 2),
-                    textcoords="offset points",
-                )
-        axis.axhline(1.0, color="0.4", linewidth=0.8, linestyle="--")
-        axis.set_yscale("log")
-        axis.set_xticks(range(len(labels)), [label.replace(" ", "\\n", 2) for label in labels], fontsize=7)
-        axis.set_ylabel("best peer time / rnn_ext time")
-        axis.set_title(
-            f"{device} {dtype}: speedup over the fastest peer (label: and fraction of torch.mm's FLOP rate)"
-        )
-        handles, names = axis.get_legend_handles_labels()
-        unique = dict(zip(names, handles))  # one entry per name, though every bar carries one
-        axis.legend(unique.values(), unique.keys(), loc="upper right", fontsize=8)
-        axis.margins(y=0.2)
-    figure.suptitle(title, fontsize=10)
+            axis.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+            axis.margins(y=0.15)
+        axis.set_xticks(list(positions), labels, fontsize=8)
+        axis.set_xlabel("T,B,I,H,layers (bi = bidirectional, tm = time-major)", fontsize=8)
+        axis.grid(axis="y", color="0.9", zorder=0)
+    figure.suptitle(title, fontsize=9)
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
@@ -678,9 +1012,16 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--peers",
-        default="compiled,onnxruntime",
-        help="CPU peers besides nn.RNN, comma-separated: compiled, onnxruntime (default: both; '' for none)",
+        default=",".join(PEERS),
+        help="CPU peers besides nn.RNN, comma-separated: %(default)s (default: all; '' for none)",
     )
+    parser.add_argument(
+        "--isolate",
+        action="store_true",
+        help="time every side of a CPU case in a process of its own (no peer's thread pool spins "
+        "beside another's); sides then run one after the other, not alternating",
+    )
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one side, for --isolate
     parser.add_argument(
         "--no-extras",
         action="store_true",
@@ -694,8 +1035,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     args.peers = {p.strip() for p in args.peers.split(",") if p.strip()}
-    if args.peers - {"compiled", "onnxruntime"}:
-        parser.error("--peers: choose from compiled, onnxruntime")
+    if args.peers - set(PEERS):
+        parser.error("--peers: choose from " + ", ".join(PEERS))
     args.rounds = args.rounds or (3 if args.quick else 5)
     args.min_run_time = args.min_run_time or (0.05 if args.quick else 0.2)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -703,6 +1044,12 @@ def main() -> int:
         parser.error(f"--modes: choose from {', '.join(MODES)}")
     if args.threads < 1:
         parser.error("--threads must be at least 1")
+    if args.threads == 1:  # XLA's CPU pool has no thread-count knob beyond single-threaded Eigen
+        os.environ.setdefault(
+            "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        )
+    if args.worker is not None:
+        return worker(args, modes)
 
     if args.device == "cuda" and not cuda_usable():
         print("no CUDA: torch sees no GPU, or rnn_ext was built without CUDA kernels", file=sys.stderr)
@@ -734,24 +1081,45 @@ def main() -> int:
         for config in (args.configs or (CPU_GRID if device == "cpu" else CUDA_GRID))
         for mode in modes
     ]
+    peaks = fma_peaks(args.threads) if "cpu" in devices else {}
     results = []
     extras = {}
-    with tqdm(total=len(cases) * args.rounds * 4, unit="timing", dynamic_ncols=True) as bar:
+    timings = sum(len(planned_sides(d, DTYPES[args.dtype], m, args)) for d, _, m in cases) * args.rounds
+    with tqdm(total=timings, unit="timing", dynamic_ncols=True) as bar:
         for device, config, mode in cases:
-            results.append(run_case(device, args.dtype, config, mode, args, bar))
+            results.append(run_case(device, args.dtype, config, mode, args, bar, peaks))
         if "cpu" in devices and not args.no_extras and args.dtype == "float32":
             extras["char_lm_training_step"] = training_step_case(args, bar)
             extras["peak_memory"] = memory_case(args.threads)
 
     machine = machine_record(devices, args.threads, git, load_at_start)
+    machine["fma_peak_gflops"] = peaks
     print(
         f"\n{machine['cpu_model']}, {machine['usable_cores']} cores, torch {machine['torch']}, "
         f"{args.threads} threads"
         + (f", {machine['cuda_device']}" if "cuda" in devices else "")
-        + f"; median of {args.rounds} alternating rounds; ratio = nn.RNN / rnn_ext; "
+        + f"; median of {args.rounds} "
+        + ("rounds, each side in its own process" if args.isolate else "alternating rounds")
+        + "; ratio = nn.RNN / rnn_ext; vs best = fastest float32 peer / rnn_ext; "
         "spread = (slowest - fastest round) / median, the worse side"
     )
+    if peaks:
+        rates = "; ".join(
+            f"{kind} " + ", ".join(f"{rate:.0f} GFLOP/s on {n} thread(s)" for n, rate in by_threads.items())
+            for kind, by_threads in peaks.items()
+            if kind != "instruction_set"
+        )
+        print(f"FMA peak ({peaks['instruction_set']} probe, same run): {rates}")
     print_table(results)
+    worst = {}
+    for r in results:
+        for side, error in r.peer_errors.items():
+            worst[side] = max(worst.get(side, 0.0), error)
+    if worst:
+        print(
+            "max |peer - nn.RNN| over the forward outputs: "
+            + ", ".join(f"{side} {error:.1e}" for side, error in worst.items())
+        )
     targets = [r for r in results if r.target is not None]
     if targets:
         print(f"speedup-over-nn.RNN targets met: {sum(r.met for r in targets)}/{len(targets)}")
@@ -791,6 +1159,9 @@ def main() -> int:
             "gflops": "forward FLOPs (2 x multiply-adds of projections and recurrent products), "
             "x3 for forward+backward, over rnn_ext's time",
             "mm_gflops": "torch.mm of [T*B, H] @ [H, H] in the same run on the same threads",
+            "fma_peak": "benchmarks/fma_probe.c: independent FMA chains per thread, best of 7 runs; "
+            "fraction_of_peak = ext_gflops / the fp32 peak on the same threads (half of it for float64)",
+            "isolate": args.isolate,
             "peers": sorted(args.peers),
         },
         "results": [{**asdict(r), "spread": r.spread} for r in results],

@@ -4,12 +4,13 @@
 // turns output gradients into pre-activation gradients dP; weight, bias and input gradients are
 // then products over all rows. Only the output is saved: act'(.) is a function of h_t.
 //
-// Threads (team.h): the large products are cut into parts fixed by their shapes and run through
-// at::mm (MKL) with one part per thread at a time, so each part is a sequential BLAS call and the
-// bits do not depend on the thread count. The recurrences run in one team per layer: the two
-// directions of a bidirectional layer on different threads, or else each step's columns split
-// over the team with one barrier per step. Splitting columns never splits a sum, so any split
-// gives the same bits.
+// Threads (team.h): the large products (input projection, input and weight gradients) run the
+// packed register-blocked kernel of row_matmul.h on parts fixed by their shapes, one part per
+// thread at a time. That kernel sums each output element over k in the same order whatever rows
+// or columns it is given, so neither the parts nor the thread count change the bits. The
+// recurrences run in one team per layer: the two directions of a bidirectional layer on different
+// threads, or else each step's columns split over the team with one barrier per step. Splitting
+// columns never splits a sum, so any split gives the same bits.
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/library.h>
@@ -147,17 +148,20 @@ void project_inputs(const LayerArgs& args, const at::Tensor& input_rows, at::Ten
                           s.has_bias);
     return;
   }
-  const at::Tensor weight_t = weight.t();
+  PackedMatrix<T> weight_t;  // element (k, j) = W_ih[j, k], packed once for every part
+  cpu::pack_matrix(weight_t, weight.data_ptr<T>(), s.input_size, width, /*k_stride=*/1,
+                   /*j_stride=*/s.input_size);
   const int64_t parts = product_parts(macs, s.rows);
+  T* out = output_rows.data_ptr<T>();
+  const T* in = input_rows.data_ptr<T>();
   run_parts(Phase::InputProjection, parts, [&](int64_t p) {
     const auto [begin, end] = cpu::split_range(s.rows, 1, p, parts);
-    at::Tensor out = output_rows.narrow(0, begin, end - begin);
-    const at::Tensor in = input_rows.narrow(0, begin, end - begin);
     if (s.has_bias) {
-      at::addmm_out(out, bias, in, weight_t);
-    } else {
-      at::mm_out(out, in, weight_t);
+      for (int64_t r = begin; r < end; ++r)
+        std::memcpy(out + r * width, bias.data_ptr<T>(), width * sizeof(T));
     }
+    strided_row_matmul<T>(end - begin, in + begin * s.input_size, s.input_size, weight_t,
+                          out + begin * width, width, s.has_bias);
   });
 }
 
@@ -326,11 +330,16 @@ at::Tensor input_gradient(const LayerArgs& args, const at::Tensor& grad_pre) {
                           s.input_size, /*accumulate=*/false);
     return grad_input;
   }
+  PackedMatrix<T> packed;  // packed once for every part
+  cpu::pack_matrix(packed, stacked.data_ptr<T>(), width, s.input_size,
+                   /*k_stride=*/s.input_size, /*j_stride=*/1);
   const int64_t parts = product_parts(macs, s.rows);
+  const T* dp = grad_pre.data_ptr<T>();
+  T* out = grad_input.data_ptr<T>();
   run_parts(Phase::InputGradient, parts, [&](int64_t p) {
     const auto [begin, end] = cpu::split_range(s.rows, 1, p, parts);
-    at::Tensor out = grad_input.narrow(0, begin, end - begin);
-    at::mm_out(out, grad_pre.narrow(0, begin, end - begin), stacked);
+    strided_row_matmul<T>(end - begin, dp + begin * width, width, packed,
+                          out + begin * s.input_size, s.input_size, /*accumulate=*/false);
   });
   return grad_input;
 }
@@ -400,7 +409,6 @@ std::vector<DirectionGradients> weight_gradients(const LayerArgs& args, const at
   cpu::PhaseTimer timer(Phase::WeightGradient);
   const ElmanShape& s = args.shape;
   const int64_t H = s.hidden_size, D = s.directions, width = s.output_width();
-  const int64_t B = s.batch;
   std::vector<DirectionGradients> grads(D);
   for (auto& g : grads) {
     g.weight_ih = at::empty({H, s.input_size}, grad_pre.options());
@@ -412,13 +420,20 @@ std::vector<DirectionGradients> weight_gradients(const LayerArgs& args, const at
     small_weight_gradients<T>(args, grad_pre, input_rows, hx, output_rows, grads);
     return grads;
   }
-  // Packed input: each direction's H_prev gathered into [rows, H].
-  std::vector<at::Tensor> previous(D);
-  if (s.packed) {
+  // dP transposed (A's rows are dP's columns), X and each direction's H_prev packed once, on the
+  // calling thread: about 1/H of the products' work.
+  const at::Tensor grad_pre_t = grad_pre.t().contiguous();  // [D*H, rows]
+  PackedMatrix<T> inputs;
+  cpu::pack_matrix(inputs, input_rows.data_ptr<T>(), s.rows, s.input_size,
+                   /*k_stride=*/s.input_size, /*j_stride=*/1);
+  std::vector<PackedMatrix<T>> previous(D);
+  {
+    std::vector<T> previous_rows(s.rows * H);
     for (const auto d : c10::irange(D)) {
-      previous[d] = at::empty({s.rows, H}, grad_pre.options());
       gather_previous_states<T>(args, d, hx.data_ptr<T>(), output_rows.data_ptr<T>(),
-                                previous[d].data_ptr<T>());
+                                previous_rows.data());
+      cpu::pack_matrix(previous[d], previous_rows.data(), s.rows, H, /*k_stride=*/H,
+                       /*j_stride=*/1);
     }
   }
   const int64_t parts = product_parts(macs, H);
@@ -431,26 +446,13 @@ std::vector<DirectionGradients> weight_gradients(const LayerArgs& args, const at
         const int64_t d = part / parts;
         const auto [begin, end] = cpu::split_range(H, 1, part % parts, parts);
         const int64_t n = end - begin;
-        at::Tensor grad_ih = grads[d].weight_ih.narrow(0, begin, n);
-        at::Tensor grad_hh = grads[d].weight_hh.narrow(0, begin, n);
-        const at::Tensor dp = grad_pre.narrow(1, d * H + begin, n);  // [rows, n]
-        at::mm_out(grad_ih, dp.t(), input_rows);
-        if (s.packed) {
-          at::mm_out(grad_hh, dp.t(), previous[d]);
-        } else {
-          // Forward direction: rows [B, rows) follow output rows [0, rows - B); the first B read
-          // h0. Reverse: rows [0, rows - B) follow output rows [B, rows); the last B read h0.
-          const at::Tensor h = output_rows.narrow(1, d * H, H);
-          const at::Tensor h0 = hx.select(0, d);
-          const int64_t later = s.rows - B;
-          const int64_t first_with_h0 = d == 0 ? 0 : later;
-          const int64_t first_shifted = d == 0 ? B : 0;
-          const int64_t first_source = d == 0 ? 0 : B;
-          at::mm_out(grad_hh, dp.narrow(0, first_with_h0, B).t(), h0);
-          if (later > 0)
-            grad_hh.addmm_(dp.narrow(0, first_shifted, later).t(),
-                           h.narrow(0, first_source, later));
-        }
+        const T* dp_t = grad_pre_t.data_ptr<T>() + (d * H + begin) * s.rows;  // [n, rows]
+        strided_row_matmul<T>(n, dp_t, s.rows, inputs,
+                              grads[d].weight_ih.data_ptr<T>() + begin * s.input_size, s.input_size,
+                              /*accumulate=*/false);
+        strided_row_matmul<T>(n, dp_t, s.rows, previous[d],
+                              grads[d].weight_hh.data_ptr<T>() + begin * H, H,
+                              /*accumulate=*/false);
         if (s.has_bias) {
           T* sums = grads[d].bias.data_ptr<T>() + begin;
           std::fill(sums, sums + n, T(0));
