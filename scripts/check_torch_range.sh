@@ -7,7 +7,7 @@
 #
 # Environment: PYTHON (default python3), TORCH (default torch==2.11.0, the oldest claimed),
 # MAX_JOBS (compile jobs, default 2), RNN_EXT_RANGE_VENV (the venv, default .venv-torch-oldest),
-# RNN_EXT_RANGE_TESTS (pytest arguments for the subset).
+# RNN_EXT_RANGE_TESTS (the test files of the subset; the marker filter below applies to them).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,8 +15,8 @@ PYTHON=${PYTHON:-python3}
 TORCH=${TORCH:-torch==2.11.0}
 export MAX_JOBS=${MAX_JOBS:-2}
 VENV=${RNN_EXT_RANGE_VENV:-$ROOT/.venv-torch-oldest}
-TESTS=${RNN_EXT_RANGE_TESTS:-tests/test_module.py tests/test_parity.py tests/test_programs.py \
-tests/test_ecosystem.py -m "not slow and not emulation and not tooling and not cuda"}
+TESTS=${RNN_EXT_RANGE_TESTS:-tests/test_module.py tests/test_parity.py tests/test_programs.py tests/test_ecosystem.py}
+MARKERS="not slow and not emulation and not tooling and not cuda"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/rnn_ext-range.XXXXXX")
 START=$SECONDS
 trap 'rm -rf "$WORK"' EXIT
@@ -43,7 +43,8 @@ step "building the C++ extension in place (MAX_JOBS=$MAX_JOBS, no CUDA sources)"
 (cd "$WORK" && RNN_EXT_CUDA=0 "$PY" setup.py --quiet build_ext --inplace > build.log 2>&1) \
   || { tail -50 "$WORK/build.log" >&2; echo "check-torch-range: FAILED: the build" >&2; exit 1; }
 
-step "running: pytest -q $TESTS"
+step "running: pytest -q $TESTS -m \"$MARKERS\""
 cd "$WORK"
-eval "PYTHONPATH=$WORK $PY -m pytest -q -p no:cacheprovider $TESTS"
+# shellcheck disable=SC2086  # TESTS is a list of paths
+PYTHONPATH=$WORK "$PY" -m pytest -q -p no:cacheprovider $TESTS -m "$MARKERS"
 step "passed with $TORCH"

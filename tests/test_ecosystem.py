@@ -236,6 +236,54 @@ def test_expanded_weights_match_nn_rnn(dtype, batch_first, training, shape):
     torch.testing.assert_close(ours.eval()(x)[1], reference.eval()(x)[1])
 
 
+class LoggingTensor(torch.Tensor):
+    """A tensor subclass with a __torch_function__ of its own, which records what it is given."""
+
+    seen = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(getattr(func, "__name__", str(func)))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+class PlainSubclass(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("case", ["device_mode", "plain_subclass", "overriding_subclass"])
+def test_which_path_tensor_subclasses_and_modes_take(monkeypatch, case):
+    """Only a subclass that overrides __torch_function__ sends the module to torch's RNN function;
+    a TorchFunctionMode (`with torch.device`) or a subclass without an override keeps the fused
+    operator. The results equal nn.RNN's either way."""
+    calls = []
+    for name in ("rnn_tanh", "rnn_relu"):
+        original = getattr(torch._VF, name)
+
+        def recorded(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch._VF, name, recorded, raising=False)
+    ours, reference = ours_and_reference(3, 4, 2, seed=1, dtype=torch.float64)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    expected = reference(x)
+    calls.clear()
+    if case == "device_mode":
+        with torch.device("cpu"):
+            got = ours(x)
+    else:
+        subclass = PlainSubclass if case == "plain_subclass" else LoggingTensor
+        ours.weight_hh_l1 = nn.Parameter(ours.weight_hh_l1.detach().as_subclass(subclass))
+        LoggingTensor.seen.clear()
+        got = ours(x)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    if case == "overriding_subclass":
+        assert calls == ["rnn_tanh"] and "rnn_tanh" in LoggingTensor.seen
+    else:
+        assert calls == []
+
+
 # --- Opacus -------------------------------------------------------------------------------------
 
 
