@@ -146,7 +146,9 @@ class CudaLayerDevice final : public gpu::LayerDevice {
       out.zero_();
       return;
     }
-    at::sum_out(out, view(sums.matrix, {sums.rows, sums.columns}, {sums.stride, 1}), {0});
+    const int64_t rows_dimension[] = {0};
+    at::sum_out(out, view(sums.matrix, {sums.rows, sums.columns}, {sums.stride, 1}),
+                at::IntArrayRef(rows_dimension));
   }
 
   void* workspace(int64_t bytes) override {
