@@ -956,7 +956,9 @@ def plot(results, path: Path, title: str) -> None:
                         xs.append(labels.index(short_label(r)) + offset)
                         ys.append(100 * r.fraction_of_peak)
                 bars = axis.bar(xs, ys, width, color=color, label=each)
-                axis.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
+                axis.bar_label(
+                    bars, fmt=lambda v: f"{v:.0f}" if v >= 10 else f"{v:.1f}", fontsize=7, padding=1
+                )
             peak = next(r.fma_peak_gflops for r in group if r.fraction_of_peak is not None)
             axis.set_ylabel("% of FMA peak")
             axis.set_title(
@@ -1173,7 +1175,8 @@ def main() -> int:
     plot(
         results,
         plot_path,
-        f"rnn_ext vs its peers, {machine['cpu_model']} ({args.threads} threads)"
+        f"rnn_ext vs its peers, {machine['cpu_model']} ({args.threads} threads"
+        + (", each side in its own process)" if args.isolate else ")")
         + (f", {machine['cuda_device']}" if "cuda" in devices else "")
         + f", torch {machine['torch']}, {commit}, {record['created']}",
     )
