@@ -94,6 +94,7 @@ demo: build
 
 bench: build
 	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/bf16.py
 
 fuzz: build
 	RNN_EXT_FUZZ_PROFILE=long $(PY) -m pytest -q tests/test_fuzz.py
