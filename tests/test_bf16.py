@@ -15,9 +15,9 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnn_ext
-from rnn_ext import _extension
+from rnn_ext import machine
 
-HAS_BF16_KERNELS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= _extension._cpu_flags()
+HAS_BF16_KERNELS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= machine.cpu_flags()
 
 PATHS = [
     pytest.param(

@@ -15,6 +15,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/irange.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -47,8 +48,12 @@ int64_t padded_depth(int64_t depth) { return (depth + 1) / 2 * 2; }
 // panels (the widest strip the kernel writes).
 constexpr int64_t kStepParallelThreshold = 1 << 20;
 constexpr int64_t kColumnUnit = 2 * kBf16Panel;
-// The input projection is split over the team from this many multiply-adds.
+// The input projection and the kernel's products are split over the team from this many
+// multiply-adds.
 constexpr int64_t kProjectionParallelThreshold = 1 << 18;
+// The products after the backward loop go to oneDNN from this many multiply-adds (below it, a
+// oneDNN call's fixed cost, tens of microseconds, exceeds the product).
+constexpr int64_t kOneDnnThreshold = int64_t(1) << 20;
 
 bool splits_steps(const ElmanShape& s) {
   return s.batch * s.hidden_size * s.hidden_size >= kStepParallelThreshold &&
@@ -250,6 +255,56 @@ at::Tensor rounded_tensor(const std::vector<float>& values, at::IntArrayRef size
   return result;
 }
 
+// A [m, depth] (bf16) times B [depth, n] (packed) in float32, rounded to a bf16 [m, n] tensor:
+// by oneDNN (torch's bf16 matmul) or by the vdpbf16ps kernel, rows split over the team (which
+// does not change the bits). RNN_EXT_BF16_GEMM=onednn|kernel overrides the choice.
+bool large_products_by_onednn(int64_t macs) {
+  const char* choice = std::getenv("RNN_EXT_BF16_GEMM");
+  if (choice != nullptr && std::strcmp(choice, "onednn") == 0) return true;
+  if (choice != nullptr && std::strcmp(choice, "kernel") == 0) return false;
+  return macs >= kOneDnnThreshold;
+}
+
+at::Tensor kernel_product(Phase phase, const at::Tensor& a, const at::Tensor& b_source,
+                          bool b_transposed) {
+  const int64_t m = a.size(0), depth = a.size(1);
+  const int64_t n = b_transposed ? b_source.size(0) : b_source.size(1);
+  at::Tensor a_rows = a.contiguous();
+  if (depth % 2) a_rows = at::constant_pad_nd(a_rows, {0, 1});
+  const at::Tensor b_c = b_source.contiguous();
+  PackedBf16 packed;
+  if (b_transposed) {  // b_source is B^T [n, depth]
+    pack_bf16(packed, bits(b_c), depth, n, /*k_stride=*/1, /*j_stride=*/depth);
+  } else {
+    pack_bf16(packed, bits(b_c), depth, n, /*k_stride=*/n, /*j_stride=*/1);
+  }
+  std::vector<float> result(m * n);
+  const int64_t stride = padded_depth(depth);
+  run_team(m * depth * n >= kProjectionParallelThreshold, [&](int thread, int team) {
+    const auto [begin, end] = split_range(m, 12, thread, team);
+    if (begin >= end) return;
+    mark_worker(phase, thread);
+    std::vector<const uint16_t*> a_ptrs(end - begin);
+    std::vector<float*> c_ptrs(end - begin);
+    for (int64_t r = begin; r < end; ++r) {
+      a_ptrs[r - begin] = bits(a_rows) + r * stride;
+      c_ptrs[r - begin] = result.data() + r * n;
+    }
+    row_matmul_bf16(end - begin, a_ptrs.data(), packed, c_ptrs.data(), /*accumulate=*/false);
+  });
+  return rounded_tensor(result, {m, n}, a.options());
+}
+
+// a @ b, or a @ b_t^T when b_transposed.
+at::Tensor bf16_product(Phase phase, const at::Tensor& a, const at::Tensor& b, bool b_transposed) {
+  const int64_t n = b_transposed ? b.size(0) : b.size(1);
+  if (large_products_by_onednn(a.size(0) * a.size(1) * n)) {
+    mark_worker(phase, 0);
+    return at::mm(a, b_transposed ? b.t() : b);
+  }
+  return kernel_product(phase, a, b, b_transposed);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> elman_forward_bf16(const LayerArgs& args,
@@ -329,17 +384,16 @@ BackwardResult elman_backward_bf16(const LayerArgs& args, const at::Tensor& grad
   grad_hx = rounded_tensor(grad_h0, {D, s.batch, H}, input.options());
   if (output_mask[0]) {
     PhaseTimer timer(Phase::InputGradient);
-    mark_worker(Phase::InputGradient, 0);
-    grad_input = at::mm(grad_pre, stacked_input_weights(args));
+    grad_input = bf16_product(Phase::InputGradient, grad_pre, stacked_input_weights(args), false);
   }
   if (output_mask[2]) {
     PhaseTimer timer(Phase::WeightGradient);
-    mark_worker(Phase::WeightGradient, 0);
     for (const auto d : c10::irange(D)) {
       const at::Tensor dp = grad_pre.narrow(1, d * H, H).t();  // [H, rows]
       DirectionGradients g;
-      g.weight_ih = at::mm(dp, input_rows);
-      g.weight_hh = at::mm(dp, previous_states(args, d, hx_c, output_c));
+      g.weight_ih = bf16_product(Phase::WeightGradient, dp, input_rows, false);
+      g.weight_hh =
+          bf16_product(Phase::WeightGradient, dp, previous_states(args, d, hx_c, output_c), false);
       if (s.has_bias) g.bias = rounded_tensor(buffers[d].bias, {H}, input.options());
       grad_directions.push_back(g);
     }
