@@ -46,4 +46,24 @@ std::tuple<at::Tensor, at::Tensor> composite_forward(const at::Tensor& input, co
   return {output, at::stack(final_states, 0)};
 }
 
+std::tuple<at::Tensor, at::Tensor> composite_stack_forward(
+    const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
+    const c10::optional<at::Tensor>& batch_sizes, at::TensorList dropout_masks, int64_t num_layers,
+    bool bidirectional, bool relu, bool batch_first) {
+  const bool swap = batch_first && !(batch_sizes.has_value() && batch_sizes->defined());
+  const int64_t directions = bidirectional ? 2 : 1;
+  const int64_t per_layer = static_cast<int64_t>(weights.size()) / num_layers;
+  at::Tensor layer_input = swap ? input.transpose(0, 1) : input;
+  std::vector<at::Tensor> final_states;
+  for (const auto l : c10::irange(num_layers)) {
+    auto [layer_output, layer_h_n] =
+        composite_forward(layer_input, hx.narrow(0, l * directions, directions),
+                          weights.slice(l * per_layer, per_layer), batch_sizes, relu);
+    final_states.push_back(layer_h_n);
+    layer_input = dropout_masks.empty() || l + 1 == num_layers ? layer_output
+                                                               : layer_output * dropout_masks[l];
+  }
+  return {swap ? layer_input.transpose(0, 1) : layer_input, at::cat(final_states, 0)};
+}
+
 }  // namespace rnn_ext

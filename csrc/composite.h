@@ -14,4 +14,11 @@ std::tuple<at::Tensor, at::Tensor> composite_forward(const at::Tensor& input, co
                                                      const c10::optional<at::Tensor>& batch_sizes,
                                                      bool relu);
 
+// Same arguments and results as rnn_ext::_elman_stack_forward's output and h_n (hx given): the
+// layers of composite_forward, each layer's input the previous output times its dropout mask.
+std::tuple<at::Tensor, at::Tensor> composite_stack_forward(
+    const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
+    const c10::optional<at::Tensor>& batch_sizes, at::TensorList dropout_masks, int64_t num_layers,
+    bool bidirectional, bool relu, bool batch_first);
+
 }  // namespace rnn_ext

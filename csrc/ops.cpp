@@ -22,6 +22,28 @@ TORCH_LIBRARY(rnn_ext, m) {
       "elman_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor hx,"
       " Tensor[] weights, Tensor output, Tensor? batch_sizes, bool relu, bool[3] output_mask)"
       " -> (Tensor grad_input, Tensor grad_hx, Tensor[] grad_weights)");
+  // A whole nn.RNN call: num_layers layers of elman_forward, each layer's input the previous
+  // layer's output times its dropout mask. input [T, B, I] ([B, T, I] when batch_first) or packed
+  // [N, I] with batch_sizes; hx [L*D, B, H], zeros when absent; weights nn.RNN's _flat_weights;
+  // dropout_masks empty, or one per layer but the last, shaped like that layer's time-major output
+  // and already scaled (the op draws no random numbers). Returns output and h_n [L*D, B, H].
+  m.def(
+      "elman_stack(Tensor input, Tensor? hx, Tensor[] weights, Tensor? batch_sizes,"
+      " Tensor[] dropout_masks, int num_layers, bool bidirectional, bool relu, bool batch_first)"
+      " -> (Tensor output, Tensor h_n)");
+  // elman_stack as its autograd node runs it: the outputs of the layers but the last (time-major,
+  // before dropout) come back too, for elman_stack_backward.
+  m.def(
+      "_elman_stack_forward(Tensor input, Tensor hx, Tensor[] weights, Tensor? batch_sizes,"
+      " Tensor[] dropout_masks, int num_layers, bool bidirectional, bool relu, bool batch_first)"
+      " -> (Tensor output, Tensor h_n, Tensor[] layer_outputs)");
+  // Gradients of elman_stack: the layers' elman_backward in reverse order. output_mask says which
+  // of (input, hx, weights) need a gradient; the others come back empty.
+  m.def(
+      "elman_stack_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor hx,"
+      " Tensor[] weights, Tensor? batch_sizes, Tensor[] dropout_masks, Tensor[] layer_outputs,"
+      " Tensor output, int num_layers, bool bidirectional, bool relu, bool batch_first,"
+      " bool[3] output_mask) -> (Tensor grad_input, Tensor grad_hx, Tensor[] grad_weights)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

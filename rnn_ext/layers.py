@@ -1,7 +1,8 @@
-"""The multi-layer Elman driver behind rnn_ext.RNN, and the one-layer paths it chooses between: the
-fused operator, and the same math as differentiable torch ops for torch.func / forward-mode AD."""
+"""The one place that decides how rnn_ext.RNN's layer stack runs (run_stack): the fused operator
+rnn_ext::elman_stack, the same math as differentiable torch ops for torch.func / forward-mode AD,
+or what an ONNX exporter understands. The stack's arguments travel as one StackConfig."""
 
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -10,7 +11,18 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.autograd import forward_ad
 
 from .onnx import export_layers
-from .ops import elman_forward
+from .ops import elman_stack
+
+
+class StackConfig(NamedTuple):
+    """What a layer stack is, beside its tensors: the module's settings for one call."""
+
+    num_layers: int
+    bidirectional: bool
+    relu: bool
+    batch_first: bool  # ignored for packed input
+    dropout: float
+    training: bool
 
 _disabled_torch_function = torch._C._disabled_torch_function_impl
 _tensor_torch_function = Tensor.__torch_function__.__func__
@@ -39,26 +51,36 @@ def overrides_torch_function(tensors: List[Tensor]) -> bool:
 
 @torch.jit.unused
 def torch_function_layers(
-    input: Tensor,
-    hx: Tensor,
-    flat_weights: List[Tensor],
-    num_layers: int,
-    bidirectional: bool,
-    relu: bool,
-    dropout: float,
-    training: bool,
-    batch_sizes: Optional[Tensor],
+    input: Tensor, hx: Tensor, weights: List[Tensor], batch_sizes: Optional[Tensor], config: StackConfig
 ) -> Tuple[Tensor, Tensor]:
-    """The layer stack as torch's rnn_tanh/rnn_relu, which nn.RNN calls: a tensor subclass that
-    overrides it (ExpandedWeights decomposes it into cells) then sees what it sees with nn.RNN."""
-    has_biases = len(flat_weights) // (num_layers * (2 if bidirectional else 1)) == 4
-    function = torch._VF.rnn_relu if relu else torch._VF.rnn_tanh
+    """The layer stack as torch's rnn_tanh/rnn_relu, which nn.RNN calls (its own dropout draws
+    included): a tensor subclass that overrides it (ExpandedWeights decomposes it into cells) then
+    sees what it sees with nn.RNN."""
+    directions = 2 if config.bidirectional else 1
+    has_biases = len(weights) // (config.num_layers * directions) == 4
+    function = torch._VF.rnn_relu if config.relu else torch._VF.rnn_tanh
     if batch_sizes is None:
         return function(
-            input, hx, flat_weights, has_biases, num_layers, dropout, training, bidirectional, False
+            input,
+            hx,
+            weights,
+            has_biases,
+            config.num_layers,
+            config.dropout,
+            config.training,
+            config.bidirectional,
+            config.batch_first,
         )
     return function(
-        input, batch_sizes, hx, flat_weights, has_biases, num_layers, dropout, training, bidirectional
+        input,
+        batch_sizes,
+        hx,
+        weights,
+        has_biases,
+        config.num_layers,
+        config.dropout,
+        config.training,
+        config.bidirectional,
     )
 
 
@@ -136,68 +158,120 @@ def needs_composite(input: Tensor, hx: Tensor, weights: List[Tensor]) -> bool:
     return False
 
 
-def run_layers(
+def dropout_masks(rows: List[int], hidden: int, like: Tensor, config: StackConfig) -> List[Tensor]:
+    """The inter-layer dropout masks nn.RNN's kernel draws, drawn here before the stack runs: one
+    per layer but the last, on the time-major shape of a layer's output (`rows` + [D*H]), in the
+    layers' order, scaled as at::dropout scales them, with `like`'s dtype and device. The same seed
+    gives nn.RNN's masks on the CPU. Empty when no dropout applies."""
+    p = config.dropout
+    if p == 0.0 or not config.training or config.num_layers == 1:
+        return []
+    shape = rows + [(2 if config.bidirectional else 1) * hidden]
+    masks: List[Tensor] = []
+    for _ in range(config.num_layers - 1):
+        mask = torch.empty(shape, dtype=like.dtype, device=like.device)
+        if mask.numel() == 0:
+            pass  # at::dropout draws nothing for an empty tensor
+        elif p == 1.0:
+            mask.zero_()  # at::dropout multiplies by zero and draws nothing
+        else:
+            mask.bernoulli_(1.0 - p).div_(1.0 - p)
+        masks.append(mask)
+    return masks
+
+
+@torch.jit.unused
+def composite_stack(
     input: Tensor,
     hx: Tensor,
-    flat_weights: List[Tensor],
-    num_layers: int,
-    bidirectional: bool,
-    relu: bool,
-    dropout: float = 0.0,
-    training: bool = False,
-    batch_sizes: Optional[Tensor] = None,
+    weights: List[Tensor],
+    batch_sizes: Optional[Tensor],
+    masks: List[Tensor],
+    config: StackConfig,
 ) -> Tuple[Tensor, Tensor]:
-    """A stack of Elman layers over time-major `input` ([T, B, I], or packed [N, I] with
-    `batch_sizes`), like torch's `_VF.rnn_tanh`/`rnn_relu`. Dropout follows every layer but the last
-    when training. Returns (output, h_n)."""
-    composite = False
+    """rnn_ext::elman_stack (hx given) as differentiable torch ops, layer by layer."""
+    swap = config.batch_first and batch_sizes is None
+    directions = 2 if config.bidirectional else 1
+    per_layer = len(weights) // config.num_layers
+    layer_input = input.transpose(0, 1) if swap else input
+    final_states: List[Tensor] = []
+    for layer in range(config.num_layers):
+        layer_output, layer_h_n = composite_layer(
+            layer_input,
+            hx[layer * directions : (layer + 1) * directions],
+            weights[layer * per_layer : (layer + 1) * per_layer],
+            batch_sizes,
+            config.relu,
+        )
+        final_states.append(layer_h_n)
+        layer_input = layer_output * masks[layer] if masks and layer < len(masks) else layer_output
+    return (layer_input.transpose(0, 1) if swap else layer_input), torch.cat(final_states, 0)
+
+
+def run_stack(
+    input: Tensor,
+    hx: Tensor,
+    weights: List[Tensor],
+    batch_sizes: Optional[Tensor],
+    config: StackConfig,
+) -> Tuple[Tensor, Tensor]:
+    """A stack of Elman layers, like torch's `_VF.rnn_tanh`/`rnn_relu`, with the arguments nn.RNN's
+    forward has checked: input [T, B, I] ([B, T, I] when batch_first) or packed [N, I] with
+    `batch_sizes`; hx [L*D, B, H]; nn.RNN's flat weights. Returns (output, h_n). The one place
+    that chooses the path:
+
+    - an ONNX exporter running: torch's RNN function (TorchScript-based exporter) or ONNX RNN
+      nodes (dynamo exporter);
+    - a torch.func transform other than vmap, or a forward-mode AD tangent: the composite;
+    - otherwise (eager, vmap, torch.compile/export, TorchScript): rnn_ext::elman_stack.
+    """
+    swap = config.batch_first and batch_sizes is None
     if not torch.jit.is_scripting():
         if torch.onnx.is_in_onnx_export():
-            return export_layers(
-                input, hx, flat_weights, num_layers, bidirectional, relu, dropout, training, batch_sizes
+            output, h_n = export_layers(
+                input.transpose(0, 1) if swap else input,
+                hx,
+                weights,
+                config.num_layers,
+                config.bidirectional,
+                config.relu,
+                config.dropout,
+                config.training,
+                batch_sizes,
             )
-        if not torch.compiler.is_compiling():
-            if overrides_torch_function([input, hx] + list(flat_weights)):
-                return torch_function_layers(
-                    input, hx, flat_weights, num_layers, bidirectional, relu, dropout, training, batch_sizes
-                )
-            composite = needs_composite(input, hx, flat_weights)
-    return stack_layers(
-        input, hx, flat_weights, num_layers, bidirectional, relu, dropout, training, batch_sizes, composite
+            return (output.transpose(0, 1) if swap else output), h_n
+    if batch_sizes is not None:
+        rows = [input.shape[0]]
+    elif swap:
+        rows = [input.shape[1], input.shape[0]]
+    else:
+        rows = [input.shape[0], input.shape[1]]
+    if not torch.jit.is_scripting():
+        if not torch.compiler.is_compiling() and overrides_torch_function([input, hx] + list(weights)):
+            return torch_function_layers(input, hx, weights, batch_sizes, config)
+    masks = dropout_masks(rows, hx.shape[-1], input, config)
+    if not torch.jit.is_scripting():
+        if not torch.compiler.is_compiling() and needs_composite(input, hx, weights):
+            return composite_stack(input, hx, weights, batch_sizes, masks, config)
+        return elman_stack(
+            input,
+            hx,
+            weights,
+            batch_sizes,
+            masks,
+            config.num_layers,
+            config.bidirectional,
+            config.relu,
+            config.batch_first,
+        )
+    return torch.ops.rnn_ext.elman_stack(
+        input,
+        hx,
+        weights,
+        batch_sizes,
+        masks,
+        config.num_layers,
+        config.bidirectional,
+        config.relu,
+        config.batch_first,
     )
-
-
-def stack_layers(
-    input: Tensor,
-    hx: Tensor,
-    flat_weights: List[Tensor],
-    num_layers: int,
-    bidirectional: bool,
-    relu: bool,
-    dropout: float,
-    training: bool,
-    batch_sizes: Optional[Tensor],
-    composite: bool,
-) -> Tuple[Tensor, Tensor]:
-    """run_layers once the path is chosen: each layer by composite_layer or by the fused op."""
-    directions = 2 if bidirectional else 1
-    per_layer = len(flat_weights) // num_layers
-    layer_input = input
-    final_states: List[Tensor] = []
-    for layer in range(num_layers):
-        weights = flat_weights[layer * per_layer : (layer + 1) * per_layer]
-        layer_hx = hx if num_layers == 1 else hx[layer * directions : (layer + 1) * directions]
-        if composite:
-            layer_output, layer_h_n = composite_layer(layer_input, layer_hx, weights, batch_sizes, relu)
-        elif torch.jit.is_scripting():
-            layer_output, layer_h_n = torch.ops.rnn_ext.elman_forward(
-                layer_input, layer_hx, weights, batch_sizes, relu
-            )
-        else:
-            layer_output, layer_h_n = elman_forward(layer_input, layer_hx, weights, batch_sizes, relu)
-        final_states.append(layer_h_n)
-        if dropout > 0 and training and layer < num_layers - 1:
-            layer_output = torch.nn.functional.dropout(layer_output, p=dropout, training=True)
-        layer_input = layer_output
-    h_n = final_states[0] if num_layers == 1 else torch.cat(final_states, 0)
-    return layer_input, h_n

@@ -4,6 +4,8 @@ Subclasses nn.RNNBase (not nn.RNN, which Dynamo refuses to trace) so that parame
 state_dict, repr, flat-weight bookkeeping and argument checks are the installed torch's own.
 """
 
+from itertools import repeat
+from operator import is_
 from typing import Optional, Tuple, overload
 
 import torch
@@ -12,9 +14,9 @@ from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence
 
 from .checkpoint import check_state
-from .layers import overrides_torch_function, run_layers, stack_layers
+from .layers import StackConfig, dropout_masks, overrides_torch_function, run_stack
 from .onnx import reject_packed_export
-from .ops import elman_forward
+from .ops import elman_stack
 
 _NONLINEARITY_MODES = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
 
@@ -24,6 +26,7 @@ _is_compiling = torch.compiler.is_compiling
 _is_any_autocast_enabled = torch._C._is_any_autocast_enabled
 _are_functorch_transforms_active = torch._C._are_functorch_transforms_active
 _get_tracing_state = torch._C._get_tracing_state
+_TENSOR = repeat(Tensor)
 
 
 class RNN(nn.RNNBase):
@@ -144,27 +147,15 @@ class RNN(nn.RNNBase):
             weights = self._flat_weights
         else:
             data, hx, weights = self._autocast(data, hx)
-        if not packed and self.batch_first:
-            data = data.transpose(0, 1)
-        output, hidden = run_layers(
-            data,
-            hx,
-            weights,
+        config = StackConfig(
             self.num_layers,
             self.bidirectional,
             self.mode == "RNN_RELU",
-            self.dropout,
+            self.batch_first,
+            float(self.dropout),
             self.training,
-            batch_sizes,
         )
-        if not packed and self.batch_first:
-            output = output.transpose(0, 1)
-        if output.requires_grad or torch.jit.is_tracing():
-            # The op saved its output for backward (act' is computed from it). Hand the caller a
-            # copy with the same strides, so that in-place use of it (`out += residual`,
-            # Dropout(inplace=True)) works as with nn.RNN, and so that it is not a view. A trace
-            # records the copy whatever requires_grad says: the traced graph must not depend on it.
-            output = output.clone()
+        output, hidden = run_stack(data, hx, weights, batch_sizes, config)
         if isinstance(input, PackedSequence):
             output_packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
             return output_packed, self.permute_hidden(hidden, unsorted_indices)
@@ -176,18 +167,18 @@ class RNN(nn.RNNBase):
     @torch.jit.unused
     def _forward_eager_batched(self, input: Tensor, hx: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
         """forward for the common call (a batched tensor, eager, no autocast, trace, transform or
-        export active) with the general path's results and less of its Python. Returns None for
-        anything irregular, which the general path then handles or rejects with its messages."""
-        if self._weights_have_changed():
-            self._init_flat_weights()
-        weights = self._flat_weights
+        export active): nn.RNN's checks of such a call and one rnn_ext::elman_stack call, with the
+        general path's results. Returns None for anything irregular, which the general path then
+        handles or rejects with its messages."""
+        weights = self._registered_flat_weights()
+        if weights is None:
+            return None
         for weight in weights:
-            if weight is None:
-                return None
             if type(weight) is not nn.Parameter and overrides_torch_function([weight]):
-                return None  # ExpandedWeights and other tensor subclasses: run_layers routes them
+                return None  # ExpandedWeights and other tensor subclasses: run_stack routes them
         shape = input.shape
-        if self.batch_first:
+        batch_first = self.batch_first
+        if batch_first:
             batch, steps = shape[0], shape[1]
         else:
             steps, batch = shape[0], shape[1]
@@ -195,26 +186,21 @@ class RNN(nn.RNNBase):
             return None
         bidirectional = self.bidirectional
         num_layers = self.num_layers
-        hidden_shape = (num_layers * 2 if bidirectional else num_layers, batch, self.hidden_size)
+        hidden = self.hidden_size
         if hx is None:
-            hx = input.new_zeros(hidden_shape)  # cheaper than torch.zeros(dtype=, device=)
-        elif hx.shape != hidden_shape:
+            # Without hx the operator reads H from weight_hh_l0: a wrong one gets the general
+            # path's message, which names it.
+            if weights[1].shape != (hidden, hidden):
+                return None
+        elif hx.shape != (num_layers * 2 if bidirectional else num_layers, batch, hidden):
             return None
-        relu = self.mode == "RNN_RELU"
-        batch_first = self.batch_first
-        if batch_first:
-            input = input.transpose(0, 1)
-        if num_layers == 1:
-            output, h_n = elman_forward(input, hx, weights, None, relu)
-        else:
-            output, h_n = stack_layers(
-                input, hx, weights, num_layers, bidirectional, relu, self.dropout, self.training, None, False
-            )
-        if batch_first:
-            output = output.transpose(0, 1)
-        if output.requires_grad:
-            output = output.clone()  # why: see the general path
-        return output, h_n
+        masks = []
+        if num_layers > 1 and self.dropout and self.training:
+            config = StackConfig(num_layers, bidirectional, False, batch_first, float(self.dropout), True)
+            masks = dropout_masks([steps, batch], hidden, input, config)
+        return elman_stack(
+            input, hx, weights, None, masks, num_layers, bidirectional, self.mode == "RNN_RELU", batch_first
+        )
 
     def __setstate__(self, state):
         # Unpickling (torch.load of a whole model, deepcopy): the state may come from an untrusted
@@ -222,18 +208,22 @@ class RNN(nn.RNNBase):
         check_state(state)
         super().__setstate__(state)
 
-    def _weights_have_changed(self):
-        # nn.RNNBase's version calls hasattr/getattr per weight (Module.__getattr__ is slow); the
-        # registered Parameter is read straight from _parameters, and anything else (weight_norm,
-        # parametrizations, plain tensors assigned by the user) through getattr as before.
+    def _registered_flat_weights(self):
+        """self._flat_weights when they are exactly this module's registered parameters, in order
+        (else None after nn.RNNBase's own refresh, for the general path). One identity comparison
+        replaces nn.RNNBase's per-weight _weights_have_changed walk: anything that swaps a
+        parameter (assignment, functional_call, load_state_dict(assign=True), .to()) replaces an
+        entry of _parameters."""
         parameters = self._parameters
-        for ref, name in zip(self._flat_weight_refs, self._flat_weights_names):
-            weight = parameters.get(name)
-            if weight is None:
-                weight = getattr(self, name, None)
-            if weight is not None and ref is not None and ref() is not weight:
-                return True
-        return False
+        weights = self._flat_weights
+        if len(weights) != len(parameters) or not all(map(is_, weights, parameters.values())):
+            self._update_flat_weights()
+            weights = self._flat_weights
+            if len(weights) != len(parameters) or not all(map(is_, weights, parameters.values())):
+                return None  # parametrized, or a weight that is not a registered parameter
+        if not all(map(isinstance, weights, _TENSOR)):
+            return None  # a weight set to None: the general path raises nn.RNN's error
+        return weights
 
     def _autocast(self, input, hx):
         """Under autocast nn.RNN runs in a lower precision; do the same, with autocast's rule for

@@ -105,6 +105,6 @@ def export_layers(
     training: bool,
     batch_sizes: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor]:
-    """run_layers while an ONNX exporter is running: the TorchScript-based one traces."""
+    """run_stack while an ONNX exporter is running: the TorchScript-based one traces."""
     layers = legacy_layers if torch.jit.is_tracing() else onnx_node_layers
     return layers(input, hx, flat_weights, num_layers, bidirectional, relu, dropout, training, batch_sizes)

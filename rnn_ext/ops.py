@@ -57,6 +57,86 @@ def _elman_backward_fake(grad_output, grad_h_n, input, hx, weights, output, batc
     return grad_input, grad_hx, grad_weights
 
 
+elman_stack = torch.ops.rnn_ext.elman_stack.default
+
+
+def _stack_fake(input, hx, weights, batch_sizes, dropout_masks, num_layers, bidirectional, batch_first):
+    """elman_stack's output, h_n and time-major layer outputs, as empty tensors with the kernels'
+    shapes and strides (a batch_first output is a transposed view of a time-major one)."""
+    _check_devices(
+        input, input if hx is None else hx, weights, batch_sizes, [("dropout mask", m) for m in dropout_masks]
+    )
+    directions = 2 if bidirectional else 1
+    hidden = weights[1].shape[0]
+    width = directions * hidden
+    if batch_sizes is not None:
+        rows = (input.shape[0], width)
+        batch = hx.shape[1] if hx is not None else torch.library.get_ctx().new_dynamic_size()
+    elif batch_first:
+        rows = (input.shape[1], input.shape[0], width)
+        batch = input.shape[0]
+    else:
+        rows = (input.shape[0], input.shape[1], width)
+        batch = input.shape[1]
+    output = input.new_empty(rows)
+    if batch_first and batch_sizes is None:
+        output = output.transpose(0, 1)
+    h_n = input.new_empty((num_layers * directions, batch, hidden))
+    return output, h_n, [input.new_empty(rows) for _ in range(num_layers - 1)]
+
+
+@torch.library.register_fake("rnn_ext::elman_stack")
+def _elman_stack_fake(
+    input, hx, weights, batch_sizes, dropout_masks, num_layers, bidirectional, relu, batch_first
+):
+    output, h_n, _ = _stack_fake(
+        input, hx, weights, batch_sizes, dropout_masks, num_layers, bidirectional, batch_first
+    )
+    return output, h_n
+
+
+@torch.library.register_fake("rnn_ext::_elman_stack_forward")
+def _elman_stack_forward_fake(
+    input, hx, weights, batch_sizes, dropout_masks, num_layers, bidirectional, relu, batch_first
+):
+    return _stack_fake(input, hx, weights, batch_sizes, dropout_masks, num_layers, bidirectional, batch_first)
+
+
+@torch.library.register_fake("rnn_ext::elman_stack_backward")
+def _elman_stack_backward_fake(
+    grad_output,
+    grad_h_n,
+    input,
+    hx,
+    weights,
+    batch_sizes,
+    dropout_masks,
+    layer_outputs,
+    output,
+    num_layers,
+    bidirectional,
+    relu,
+    batch_first,
+    output_mask,
+):
+    _check_devices(
+        input,
+        hx,
+        weights,
+        batch_sizes,
+        [("grad_output", grad_output), ("grad_h_n", grad_h_n), ("output", output)],
+    )
+    if not output_mask[0]:
+        grad_input = input.new_empty((0,))
+    elif batch_first and batch_sizes is None:
+        grad_input = input.new_empty((input.shape[1], input.shape[0], input.shape[2])).transpose(0, 1)
+    else:
+        grad_input = input.new_empty(input.shape)
+    grad_hx = hx.new_empty(hx.shape) if output_mask[1] else hx.new_empty((0,))
+    grad_weights = [w.new_empty(w.shape) for w in weights] if output_mask[2] else []
+    return grad_input, grad_hx, grad_weights
+
+
 def _take(tensor, dim, index):
     return tensor if dim is None else tensor.select(dim, index)
 

@@ -148,7 +148,7 @@ def test_scripted_model_save_load_round_trip_and_fresh_process(tmp_path):
         torch.jit.load({str(path)!r})
     """)
     result = subprocess.run([sys.executable, "-c", without], capture_output=True, text=True, cwd="/")
-    assert result.returncode != 0 and "rnn_ext::elman_forward" in result.stderr
+    assert result.returncode != 0 and "rnn_ext::elman_stack" in result.stderr
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -159,7 +159,7 @@ def test_trace_passes_default_checks_and_generalises(device):
     reference.load_state_dict(model.state_dict())
     x = torch.randn(2, 6, 3, dtype=torch.float64, device=device)
     traced = torch.jit.trace(model, (x,))  # check_trace=True by default
-    assert any(node.kind() == "rnn_ext::elman_forward" for node in traced.rnn.graph.nodes())
+    assert any(node.kind() == "rnn_ext::elman_stack" for node in traced.rnn.graph.nodes())
     other = torch.randn(3, 4, 3, dtype=torch.float64, device=device)  # another batch and length
     assert_all_close(traced(x), reference(x))
     assert_all_close(traced(other), reference(other))

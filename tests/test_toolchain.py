@@ -108,7 +108,15 @@ def compile_counter(backend):
 
 
 def elman_calls(graph):
-    return sum(node.target is torch.ops.rnn_ext.elman_forward.default for node in graph.nodes)
+    """Layers the graph runs in the fused operators: one per elman_forward node, num_layers per
+    elman_stack node."""
+    layers = 0
+    for node in graph.nodes:
+        if node.target is torch.ops.rnn_ext.elman_forward.default:
+            layers += 1
+        elif node.target is torch.ops.rnn_ext.elman_stack.default:
+            layers += node.args[5]
+    return layers
 
 
 @pytest.fixture
