@@ -24,6 +24,7 @@ class StackConfig(NamedTuple):
     dropout: float
     training: bool
 
+
 _disabled_torch_function = torch._C._disabled_torch_function_impl
 _tensor_torch_function = Tensor.__torch_function__.__func__
 
