@@ -1,5 +1,6 @@
-// The rnn_ext operator schemas, and the Python module that loading them needs (plus the CPU
-// backend's per-phase thread counters, which the threading tests read). Nothing else.
+// The rnn_ext operator schemas (TORCH_LIBRARY), and the Python module that loading them needs,
+// with what the build report and the tests read from it: whether CUDA kernels are built, the CPU
+// kernel chosen for this CPU, and the CPU backend's per-phase thread counters.
 #include <torch/library.h>
 #include <torch/extension.h>
 
