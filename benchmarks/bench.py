@@ -31,7 +31,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,7 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import rnn_ext  # noqa: E402
+from rnn_ext import machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -181,14 +181,11 @@ def config_flops(config) -> float:
 
 
 def cpu_flags() -> dict:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                present = set(line.split(":", 1)[1].split())
-                return {flag: flag in present for flag in ("avx2", "fma", "avx512f", "avx512_bf16")}
-    except OSError:
-        pass
-    return {}
+    """The flags that decide which kernels run, present or not (recorded with every run)."""
+    present = machine.cpu_flags()
+    if not present:
+        return {}
+    return {flag: flag in present for flag in ("avx2", "fma", "avx512f", "avx512_bf16")}
 
 
 def fma_peaks(threads: int) -> dict:
@@ -252,16 +249,6 @@ def cuda_usable() -> bool:
     )
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def git_state() -> dict:
     def git(*args):
         return subprocess.run(
@@ -281,7 +268,7 @@ def machine_record(devices, threads, git, load_at_start) -> dict:
     record = {
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "cpu_model": cpu_model(),
+        "cpu_model": machine.cpu_model(),
         "cpu_flags": cpu_flags(),
         "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
@@ -309,16 +296,12 @@ def machine_record(devices, threads, git, load_at_start) -> dict:
     return record
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
 def default_output(devices) -> Path:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    machine = f"{slug(cpu_model())}-{os.cpu_count()}c"
+    name = f"{machine.slug(machine.cpu_model())}-{os.cpu_count()}c"
     if "cuda" in devices:
-        machine += "-" + slug(torch.cuda.get_device_name(0))
-    return RESULTS / f"{stamp}-{machine}.json"
+        name += "-" + machine.slug(torch.cuda.get_device_name(0))
+    return RESULTS / f"{stamp}-{name}.json"
 
 
 def make_pair(config, device, dtype, seed):
@@ -1094,12 +1077,12 @@ def main() -> int:
             extras["char_lm_training_step"] = training_step_case(args, bar)
             extras["peak_memory"] = memory_case(args.threads)
 
-    machine = machine_record(devices, args.threads, git, load_at_start)
-    machine["fma_peak_gflops"] = peaks
+    host = machine_record(devices, args.threads, git, load_at_start)
+    host["fma_peak_gflops"] = peaks
     print(
-        f"\n{machine['cpu_model']}, {machine['usable_cores']} cores, torch {machine['torch']}, "
+        f"\n{host['cpu_model']}, {host['usable_cores']} cores, torch {host['torch']}, "
         f"{args.threads} threads"
-        + (f", {machine['cuda_device']}" if "cuda" in devices else "")
+        + (f", {host['cuda_device']}" if "cuda" in devices else "")
         + f"; median of {args.rounds} "
         + ("rounds, each side in its own process" if args.isolate else "alternating rounds")
         + "; ratio = nn.RNN / rnn_ext; vs best = fastest float32 peer / rnn_ext; "
@@ -1145,7 +1128,7 @@ def main() -> int:
     record = {
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine,
+        "machine": host,
         "settings": {
             "rounds": args.rounds,
             "min_run_time_s": args.min_run_time,
@@ -1171,14 +1154,14 @@ def main() -> int:
     }
     path.write_text(json.dumps(record, indent=2) + "\n")
     plot_path = path.with_suffix(".png")
-    commit = (machine["git"]["commit"] or "unknown")[:10] + ("+dirty" if machine["git"]["dirty"] else "")
+    commit = (host["git"]["commit"] or "unknown")[:10] + ("+dirty" if host["git"]["dirty"] else "")
     plot(
         results,
         plot_path,
-        f"rnn_ext vs its peers, {machine['cpu_model']} ({args.threads} threads"
+        f"rnn_ext vs its peers, {host['cpu_model']} ({args.threads} threads"
         + (", each side in its own process)" if args.isolate else ")")
-        + (f", {machine['cuda_device']}" if "cuda" in devices else "")
-        + f", torch {machine['torch']}, {commit}, {record['created']}",
+        + (f", {host['cuda_device']}" if "cuda" in devices else "")
+        + f", torch {host['torch']}, {commit}, {record['created']}",
     )
     print(f"results: {path}\nplot:    {plot_path}")
     return 0

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils import benchmark
 
 import rnn_ext
-from rnn_ext import _extension
+from rnn_ext import machine
 
 DEFAULT_CONFIGS = "100,32,64,128,1;100,64,256,512,1;35,20,650,650,2;10,1,1,32,1;50,16,100,200,2,bidir"
 
@@ -96,8 +96,8 @@ def main():
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    flags = sorted(f for f in _extension._cpu_flags() if f.startswith(("avx512", "amx", "fma", "avx2")))
-    print(f"cpu: {_extension._cpu_model()} ({platform.machine()}), threads {args.threads}")
+    flags = sorted(f for f in machine.cpu_flags() if f.startswith(("avx512", "amx", "fma", "avx2")))
+    print(f"cpu: {machine.cpu_model()} ({platform.machine()}), threads {args.threads}")
     print(f"flags: {' '.join(flags)}")
     print(f"rnn_ext CPU kernel: {rnn_ext._C.cpu_kernel()}; torch {torch.__version__}")
     print(f"load average at start: {os.getloadavg()}")

@@ -12,7 +12,6 @@ import itertools
 import os
 import shutil
 import sys
-import zlib
 
 import pytest
 import torch
@@ -60,10 +59,6 @@ STEP_GEMM_TOLERANCE = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
 # H100/H200 (sm_90): 132 SMs, 227 KB of shared memory per block with the opt-in, 228 KB per SM.
 H200 = dict(sm_count=132, optin=232448, per_sm=233472, cooperative=1)
 int64_p = ctypes.POINTER(ctypes.c_int64)
-
-
-def stable_seed(*parts):
-    return zlib.crc32(repr(parts).encode()) % 100_000
 
 
 @pytest.fixture(scope="module")
@@ -454,7 +449,7 @@ def test_layer(lib, case, packed, relu, dtype):
     use_device(lib, *device)
     half_relu = relu and dtype in (torch.float16, torch.bfloat16)
     layer = Layer(
-        stable_seed(name, packed, relu, str(dtype)),
+        helpers.stable_seed(name, packed, relu, str(dtype)),
         5,
         batch,
         hidden,
@@ -578,7 +573,7 @@ def test_sanitizer_cases_meet_their_tolerance(lib, case, monkeypatch):
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_gather_previous_states(lib, packed, dtype):
     use_device(lib, *SMALL)
-    layer = Layer(stable_seed("gather", packed, str(dtype)), 5, 6, 23, 2, packed, False, dtype)
+    layer = Layer(helpers.stable_seed("gather", packed, str(dtype)), 5, 6, 23, 2, packed, False, dtype)
     output = layer.cast(layer.grad_output)  # any values: the gather only moves them
     hx = layer.cast(layer.hx)
     previous = torch.full_like(output, float("nan"))
