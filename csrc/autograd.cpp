@@ -17,38 +17,13 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-std::tuple<at::Tensor, at::Tensor> call_forward(const at::Tensor& input, const at::Tensor& hx,
-                                                at::TensorList weights,
-                                                const c10::optional<at::Tensor>& batch_sizes,
-                                                bool relu) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("rnn_ext::elman_forward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, at::TensorList,
-                           const c10::optional<at::Tensor>&, bool)>();
-  return op.call(input, hx, weights, batch_sizes, relu);
-}
-
-std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> call_backward(
-    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
-    const at::Tensor& hx, at::TensorList weights, const at::Tensor& output,
-    const c10::optional<at::Tensor>& batch_sizes, bool relu, std::array<bool, 3> output_mask) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("rnn_ext::elman_backward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, at::TensorList, const at::Tensor&,
-                           const c10::optional<at::Tensor>&, bool, std::array<bool, 3>)>();
-  return op.call(grad_output, grad_h_n, input, hx, weights, output, batch_sizes, relu, output_mask);
-}
-
 class ElmanFunction : public torch::autograd::Function<ElmanFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx,
                                at::TensorList weights, const c10::optional<at::Tensor>& batch_sizes,
                                bool relu) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [output, h_n] = call_forward(input, hx, weights, batch_sizes, relu);
+    auto [output, h_n] = call_elman_forward(input, hx, weights, batch_sizes, relu);
     std::vector<at::Tensor> saved = {input, hx, output};
     saved.insert(saved.end(), weights.begin(), weights.end());
     ctx->save_for_backward(saved);
@@ -94,8 +69,8 @@ class ElmanFunction : public torch::autograd::Function<ElmanFunction> {
       for (const auto i : c10::irange(computed.size())) result[position[i]] = computed[i];
       return result;
     }
-    auto [grad_input, grad_hx, grad_weights] =
-        call_backward(grad_output, grad_h_n, input, hx, weights, output, batch_sizes, relu, mask);
+    auto [grad_input, grad_hx, grad_weights] = call_elman_backward(
+        grad_output, grad_h_n, input, hx, weights, output, batch_sizes, relu, mask);
     if (mask[0]) result[0] = grad_input;
     if (mask[1]) result[1] = grad_hx;
     if (mask[2]) {

@@ -8,12 +8,10 @@
 #include <c10/util/irange.h>
 
 namespace rnn_ext {
-namespace {
-
-std::tuple<at::Tensor, at::Tensor> layer_forward(const at::Tensor& input, const at::Tensor& hx,
-                                                 at::TensorList weights,
-                                                 const c10::optional<at::Tensor>& batch_sizes,
-                                                 bool relu) {
+std::tuple<at::Tensor, at::Tensor> call_elman_forward(const at::Tensor& input, const at::Tensor& hx,
+                                                      at::TensorList weights,
+                                                      const c10::optional<at::Tensor>& batch_sizes,
+                                                      bool relu) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("rnn_ext::elman_forward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(
@@ -22,11 +20,11 @@ std::tuple<at::Tensor, at::Tensor> layer_forward(const at::Tensor& input, const 
   return op.call(input, hx, weights, batch_sizes, relu);
 }
 
-BackwardResult layer_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-                              const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
-                              const at::Tensor& output,
-                              const c10::optional<at::Tensor>& batch_sizes, bool relu,
-                              std::array<bool, 3> output_mask) {
+BackwardResult call_elman_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                                   const at::Tensor& input, const at::Tensor& hx,
+                                   at::TensorList weights, const at::Tensor& output,
+                                   const c10::optional<at::Tensor>& batch_sizes, bool relu,
+                                   std::array<bool, 3> output_mask) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("rnn_ext::elman_backward", "")
@@ -35,6 +33,8 @@ BackwardResult layer_backward(const at::Tensor& grad_output, const at::Tensor& g
                                 const c10::optional<at::Tensor>&, bool, std::array<bool, 3>)>();
   return op.call(grad_output, grad_h_n, input, hx, weights, output, batch_sizes, relu, output_mask);
 }
+
+namespace {
 
 // [B, T, ...] <-> [T, B, ...] for a batch_first stack; packed and time-major tensors pass.
 at::Tensor swap_batch_and_time(const StackShape& s, const at::Tensor& t) {
@@ -136,8 +136,8 @@ StackForwardResult stack_forward(const at::Tensor& input, const at::Tensor& hx,
   at::Tensor output;
   for (const auto l : c10::irange(num_layers)) {
     auto [layer_output, layer_h_n] =
-        layer_forward(layer_input, num_layers == 1 ? hx : hx.narrow(0, l * D, D),
-                      weights.slice(l * s.per_layer, s.per_layer), batch_sizes, relu);
+        call_elman_forward(layer_input, num_layers == 1 ? hx : hx.narrow(0, l * D, D),
+                           weights.slice(l * s.per_layer, s.per_layer), batch_sizes, relu);
     final_states.push_back(std::move(layer_h_n));
     if (l + 1 < num_layers) {
       layer_input = next_layer_input(layer_output, dropout_masks, l + 1);
@@ -177,7 +177,7 @@ BackwardResult stack_backward(const at::Tensor& grad_output, const at::Tensor& g
     const at::Tensor layer_output =
         l == num_layers - 1 ? swap_batch_and_time(s, output) : layer_outputs[l];
     const bool single = num_layers == 1;
-    auto [grad_layer_input, grad_layer_hx, grad_layer_weights] = layer_backward(
+    auto [grad_layer_input, grad_layer_hx, grad_layer_weights] = call_elman_backward(
         grad, single ? grad_h_n : grad_h_n.narrow(0, l * D, D), layer_input,
         single ? hx : hx.narrow(0, l * D, D), weights.slice(l * s.per_layer, s.per_layer),
         layer_output, batch_sizes, relu, {l > 0 || output_mask[0], output_mask[1], output_mask[2]});

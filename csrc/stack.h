@@ -13,6 +13,18 @@
 
 namespace rnn_ext {
 
+// The layer operators rnn_ext::elman_forward / elman_backward, called through the dispatcher (so
+// that each call reaches its backend's kernel, or a transform's rule).
+std::tuple<at::Tensor, at::Tensor> call_elman_forward(const at::Tensor& input, const at::Tensor& hx,
+                                                      at::TensorList weights,
+                                                      const c10::optional<at::Tensor>& batch_sizes,
+                                                      bool relu);
+BackwardResult call_elman_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                                   const at::Tensor& input, const at::Tensor& hx,
+                                   at::TensorList weights, const at::Tensor& output,
+                                   const c10::optional<at::Tensor>& batch_sizes, bool relu,
+                                   std::array<bool, 3> output_mask);
+
 // What elman_stack's arguments say about the stack, once checked.
 struct StackShape {
   int64_t num_layers = 1;
