@@ -1,10 +1,12 @@
 # rnn_ext: every target works from a fresh clone with nothing installed; it makes its own venv.
-#   make test        build (CPU torch) and run the product's tests (every test without a tier marker)
+#   make test        build (CPU torch) and run the product's tests (CUDA cases reported as skipped)
+#   make test-slow / test-tooling / test-cuda   one test tier each (markers in pyproject.toml)
 #   make check       everything CI runs: lint, every test tier, the CUDA compile and emulation checks,
 #                    the packaging check
 #   make lint        ruff (lint + format) and clang-format, checked; `make format` rewrites
 #   make demo        train the sine -> cosine example with nn.RNN and rnn_ext.RNN
-#   make bench       CPU (and CUDA, where present) benchmark against nn.RNN
+#   make bench       CPU (and CUDA, where present) benchmark against every peer (installs OpenVINO
+#                    and JAX into the venv), then the bfloat16 benchmark
 #   make fuzz        the long differential-fuzzing profile
 #   make check-asan  the test suite on an AddressSanitizer + UBSan build
 #   make check-cuda  compile the CUDA sources against the CUDA torch wheel (needs nvcc)
