@@ -950,7 +950,7 @@ def plot(results, path: Path, title: str) -> None:
             )
             axis.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
             axis.margins(y=0.15)
-        axis.set_xticks(list(positions), labels, fontsize=8)
+        axis.set_xticks(list(positions), labels, fontsize=8, rotation=30, ha="right")
         axis.set_xlabel("T,B,I,H,layers (bi = bidirectional, tm = time-major)", fontsize=8)
         axis.grid(axis="y", color="0.9", zorder=0)
     figure.suptitle(title, fontsize=9)

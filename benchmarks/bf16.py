@@ -1,7 +1,10 @@
-"""bfloat16 on the CPU: rnn_ext bf16 against nn.RNN bf16 and against rnn_ext float32, forward and
-forward+backward, with each side's largest output difference from nn.RNN in float64 on the same
-(bf16-rounded) inputs. torch.utils.benchmark, every side in this one process, the sides alternated
-round by round; the machine, its CPU flags, the kernel rnn_ext chose and the load are printed.
+"""bfloat16 on the CPU: rnn_ext bf16 against nn.RNN bf16, against rnn_ext float32 and (forward)
+against OpenVINO at the CPU plugin's default precision (bf16 on a CPU with avx512_bf16; skipped when
+openvino is not installed), with each side's largest output difference from nn.RNN in float64 on the
+same (bf16-rounded) inputs, and rnn_ext bf16's GFLOP/s as a fraction of the bf16 FMA peak measured
+by bench.py's probe in the same run. torch.utils.benchmark, every side in this one process, the
+sides alternated round by round; the machine, its CPU flags, the kernel rnn_ext chose and the load
+are printed.
 
     python benchmarks/bf16.py [--configs "T,B,I,H,L[,bidir];..."] [--rounds 3] [--min-run-time 0.3]
 """
@@ -14,6 +17,9 @@ import platform
 import statistics
 
 import torch
+
+# bench.py sits beside this script (the script's folder is on sys.path when it runs).
+from bench import config_flops, fma_peaks, openvino_forward  # noqa: E402
 from torch import nn
 from torch.utils import benchmark
 
@@ -83,6 +89,25 @@ def max_error(reference, module, x, h0):
     return (got.double() - want).abs().max().item()
 
 
+def openvino_side(reference, x, h0, threads):
+    """OpenVINO's default-precision forward of the float32 model on the same (bf16-rounded) inputs,
+    and its max output difference from the float64 reference; (None, None) without openvino."""
+    f32 = nn.RNN(
+        reference.input_size,
+        reference.hidden_size,
+        reference.num_layers,
+        bidirectional=reference.bidirectional,
+    )
+    f32.load_state_dict({k: v.float() for k, v in reference.state_dict().items()})
+    call = openvino_forward(f32, (x.float(), h0.float(), None, None), threads, "default")
+    if call is None:
+        return None, None
+    with torch.no_grad():
+        want, _ = reference(x.double(), h0.double())
+    got = torch.from_numpy(call()[0].astype("float64"))
+    return call, (got - want).abs().max().item()
+
+
 def measure(call, threads, min_run_time):
     timer = benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=threads)
     return timer.blocked_autorange(min_run_time=min_run_time).median
@@ -101,27 +126,49 @@ def main():
     print(f"flags: {' '.join(flags)}")
     print(f"rnn_ext CPU kernel: {rnn_ext._C.cpu_kernel()}; torch {torch.__version__}")
     print(f"load average at start: {os.getloadavg()}")
+    peaks = fma_peaks(args.threads)
+    bf16_peak = peaks.get("bf16", {}).get(str(args.threads), 0.0)
+    print(
+        "FMA probe, same run: "
+        + (", ".join(f"{k} {v}" for k, v in peaks.items()) if peaks else "unavailable")
+        + " (GFLOP/s by thread count)"
+    )
     header = (
-        f"{'T,B,I,H,L':<20}{'mode':<9}{'ext bf16':>10}{'nn bf16':>10}{'ext f32':>10}"
-        f"{'vs nn':>7}{'vs f32':>7}   max err ext bf16 / nn bf16 / ext f32"
+        f"{'T,B,I,H,L':<20}{'mode':<9}{'ext bf16':>10}{'nn bf16':>10}{'ext f32':>10}{'ov dflt':>10}"
+        f"{'vs nn':>8}{'vs f32':>8}{'vs ov':>8}{'of bf16 peak':>13}"
+        "   max err ext bf16 / nn bf16 / ext f32 / ov dflt"
     )
     print(header)
     for config in parse_configs(args.configs):
         reference, table = sides(config)
         errors = {name: max_error(reference, *table[name]) for name in table}
+        _, x, h0 = table["rnn_ext bf16"]
+        openvino, errors["ov dflt"] = openvino_side(reference, x, h0, args.threads)
+        steps, batch, inputs, hidden, layers, bidir = config
+        flops = config_flops((steps, batch, inputs, hidden, layers) + (("bidir",) if bidir else ()))
         for mode in ("forward", "fwd+bwd"):
             calls = {name: callable_for(*table[name], mode) for name in table}
-            times = {name: [] for name in table}
+            if mode == "forward" and openvino is not None:
+                calls["ov dflt"] = openvino
+            times = {name: [] for name in calls}
             for _ in range(args.rounds):  # alternate the sides round by round
                 for name, call in calls.items():
                     times[name].append(measure(call, args.threads, args.min_run_time))
             t = {name: statistics.median(v) for name, v in times.items()}
+            ext = t["rnn_ext bf16"]
+            work = flops * (3 if mode == "fwd+bwd" else 1)  # backward: about twice the forward
+            rate = work / ext / 1e9
+            ov = t.get("ov dflt")
             print(
                 f"{label(config):<20}{mode:<9}"
-                f"{t['rnn_ext bf16'] * 1e3:>8.2f}ms{t['nn.RNN bf16'] * 1e3:>8.2f}ms"
-                f"{t['rnn_ext f32'] * 1e3:>8.2f}ms"
-                f"{t['nn.RNN bf16'] / t['rnn_ext bf16']:>6.2f}x{t['rnn_ext f32'] / t['rnn_ext bf16']:>6.2f}x"
-                f"   {errors['rnn_ext bf16']:.1e} / {errors['nn.RNN bf16']:.1e} / {errors['rnn_ext f32']:.1e}"
+                f"{ext * 1e3:>8.2f}ms{t['nn.RNN bf16'] * 1e3:>8.2f}ms{t['rnn_ext f32'] * 1e3:>8.2f}ms"
+                + (f"{ov * 1e3:>8.2f}ms" if ov else f"{'-':>10}")
+                + f"{t['nn.RNN bf16'] / ext:>7.2f}x{t['rnn_ext f32'] / ext:>7.2f}x"
+                + (f"{ov / ext:>7.2f}x" if ov else f"{'-':>8}")
+                + (f"{100 * rate / bf16_peak:>12.0f}%" if bf16_peak else f"{'-':>13}")
+                + f"   {errors['rnn_ext bf16']:.1e} / {errors['nn.RNN bf16']:.1e}"
+                f" / {errors['rnn_ext f32']:.1e}"
+                + (f" / {errors['ov dflt']:.1e}" if errors["ov dflt"] is not None else " / -")
             )
     print(f"load average at end: {os.getloadavg()}")
 

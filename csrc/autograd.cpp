@@ -120,12 +120,13 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> call_stack_backward(
                  layer_outputs, output, num_layers, bidirectional, relu, batch_first, output_mask);
 }
 
-// nn.RNN's zero initial state [L*D, B, H] for an elman_stack call without hx. Sizes are read as
-// symbols: under torch.compile/export the batch may be a dynamic (or, packed, unbacked) size. The
-// backend kernels check the arguments.
-at::Tensor zero_state(const at::Tensor& input, at::TensorList weights,
-                      const c10::optional<at::Tensor>& batch_sizes, int64_t num_layers,
-                      bool bidirectional, bool batch_first) {
+// The initial state of an elman_stack call: hx when given, else nn.RNN's zeros [L*D, B, H]. Sizes
+// are read as symbols: under torch.compile/export the batch may be a dynamic (or, packed,
+// unbacked) size. The backend kernels check the arguments.
+at::Tensor stack_initial_state(const at::Tensor& input, const c10::optional<at::Tensor>& hx,
+                               at::TensorList weights, const c10::optional<at::Tensor>& batch_sizes,
+                               int64_t num_layers, bool bidirectional, bool batch_first) {
+  if (hx.has_value() && hx->defined()) return *hx;
   const char* op_name = "rnn_ext::elman_stack";
   TORCH_CHECK(weights.size() >= 2, op_name, ": weights must start with w_ih and w_hh");
   TORCH_CHECK(weights[1].dim() == 2, op_name,
@@ -152,17 +153,13 @@ class ElmanStackFunction : public torch::autograd::Function<ElmanStackFunction> 
                                const c10::optional<at::Tensor>& hx, at::TensorList weights,
                                const c10::optional<at::Tensor>& batch_sizes,
                                at::TensorList dropout_masks, int64_t num_layers, bool bidirectional,
-                               bool relu, bool batch_first, bool records) {
+                               bool relu, bool batch_first) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    const at::Tensor given = hx.has_value() ? *hx : at::Tensor();
-    const bool packed = batch_sizes.has_value() && batch_sizes->defined();
-    const at::Tensor h0 = given.defined() ? given
-                                          : zero_state(input, weights, batch_sizes, num_layers,
-                                                       bidirectional, batch_first && !packed);
+    const at::Tensor h0 = stack_initial_state(input, hx, weights, batch_sizes, num_layers,
+                                              bidirectional, batch_first);
     auto [output, h_n, layer_outputs] =
         call_stack_forward(input, h0, weights, batch_sizes, dropout_masks, num_layers,
                            bidirectional, relu, batch_first);
-    if (!records) return {output, h_n};
     std::vector<at::Tensor> saved = {input, h0, output};
     saved.insert(saved.end(), weights.begin(), weights.end());
     saved.insert(saved.end(), dropout_masks.begin(), dropout_masks.end());
@@ -174,8 +171,9 @@ class ElmanStackFunction : public torch::autograd::Function<ElmanStackFunction> 
     ctx->saved_data["bidirectional"] = bidirectional;
     ctx->saved_data["relu"] = relu;
     ctx->saved_data["batch_first"] = batch_first;
-    ctx->saved_data["has_hx"] = given.defined();
-    if (packed) ctx->saved_data["batch_sizes"] = *batch_sizes;
+    ctx->saved_data["has_hx"] = hx.has_value() && hx->defined();
+    if (batch_sizes.has_value() && batch_sizes->defined())
+      ctx->saved_data["batch_sizes"] = *batch_sizes;
     // The saved output is the kernels' buffer (backward reads act' from it); the caller gets a
     // copy with the same strides, so that in-place use of it (`out += residual`) is as free as
     // with nn.RNN.
@@ -217,9 +215,9 @@ class ElmanStackFunction : public torch::autograd::Function<ElmanStackFunction> 
       any_weight |= needs[2 + i];
     }
     const std::array<bool, 3> mask = {needs[0], needs[1], any_weight};
-    // input, hx, weights, batch_sizes, masks, num_layers, bidirectional, relu, batch_first,
-    // records: only the first three kinds are differentiable.
-    variable_list result(2 + num_weights + 1 + num_masks + 5);
+    // input, hx, weights, batch_sizes, masks, num_layers, bidirectional, relu, batch_first: only
+    // the first three kinds are differentiable.
+    variable_list result(2 + num_weights + 1 + num_masks + 4);
     if (at::GradMode::is_enabled()) {
       // create_graph=True: gradients must themselves be differentiable.
       auto [ref_output, ref_h_n] = composite_stack_forward(
@@ -267,9 +265,19 @@ std::tuple<at::Tensor, at::Tensor> elman_stack_autograd(
     const at::Tensor& input, const c10::optional<at::Tensor>& hx, at::TensorList weights,
     const c10::optional<at::Tensor>& batch_sizes, at::TensorList dropout_masks, int64_t num_layers,
     bool bidirectional, bool relu, bool batch_first) {
+  if (!any_requires_grad(input, hx, weights)) {
+    // Nothing to record (no_grad, inference, or no input that requires grad): the backend kernel
+    // directly, without building a node that would be thrown away.
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [output, h_n, layer_outputs] = call_stack_forward(
+        input,
+        stack_initial_state(input, hx, weights, batch_sizes, num_layers, bidirectional,
+                            batch_first),
+        weights, batch_sizes, dropout_masks, num_layers, bidirectional, relu, batch_first);
+    return {output, h_n};
+  }
   const variable_list outputs = ElmanStackFunction::apply(
-      input, hx, weights, batch_sizes, dropout_masks, num_layers, bidirectional, relu, batch_first,
-      any_requires_grad(input, hx, weights));
+      input, hx, weights, batch_sizes, dropout_masks, num_layers, bidirectional, relu, batch_first);
   return {outputs[0], outputs[1]};
 }
 

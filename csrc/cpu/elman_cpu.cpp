@@ -112,18 +112,31 @@ void apply_activation(T* values, int64_t count, Activation activation) {
   }
 }
 
-// W_ih of every direction stacked [D*H, I], and (b_ih + b_hh) stacked [D*H] (undefined without
-// bias).
-std::pair<at::Tensor, at::Tensor> stacked_input_weights(const LayerArgs& args) {
-  std::vector<at::Tensor> weights, biases;
-  for (const auto& w : args.directions) {
-    weights.push_back(w.weight_ih);
-    if (args.shape.has_bias) biases.push_back(w.bias_ih + w.bias_hh);
+// W_ih of every direction stacked [D*H, I] (the weight itself for one direction).
+at::Tensor stacked_input_weights(const LayerArgs& args) {
+  if (args.directions.size() == 1) return args.directions[0].weight_ih.contiguous();
+  std::vector<at::Tensor> weights;
+  for (const auto& w : args.directions) weights.push_back(w.weight_ih);
+  return at::cat(weights, 0);
+}
+
+// (b_ih + b_hh) of every direction, stacked [D*H], summed here rather than by an ATen add (a
+// dispatch and an allocation on every call of a small layer); the same sum, so the same bits.
+// Empty without bias.
+template <typename T>
+std::vector<T> summed_biases(const LayerArgs& args) {
+  std::vector<T> sums;
+  if (!args.shape.has_bias) return sums;
+  const int64_t H = args.shape.hidden_size;
+  sums.resize(args.directions.size() * H);
+  for (const auto d : c10::irange(args.directions.size())) {
+    const at::Tensor b_ih = args.directions[d].bias_ih.contiguous();
+    const at::Tensor b_hh = args.directions[d].bias_hh.contiguous();
+    const T* a = b_ih.data_ptr<T>();
+    const T* b = b_hh.data_ptr<T>();
+    for (const auto j : c10::irange(H)) sums[d * H + j] = a[j] + b[j];
   }
-  at::Tensor weight = weights.size() == 1 ? weights[0].contiguous() : at::cat(weights, 0);
-  at::Tensor bias;
-  if (!biases.empty()) bias = biases.size() == 1 ? biases[0].contiguous() : at::cat(biases, 0);
-  return {weight, bias};
+  return sums;
 }
 
 // output[row, :] = (bias_ih + bias_hh) + input[row] @ W_ih^T for every row, all directions at once.
@@ -132,7 +145,8 @@ void project_inputs(const LayerArgs& args, const at::Tensor& input_rows, at::Ten
   cpu::PhaseTimer timer(Phase::InputProjection);
   const ElmanShape& s = args.shape;
   const int64_t width = s.output_width();
-  const auto [weight, bias] = stacked_input_weights(args);
+  const at::Tensor weight = stacked_input_weights(args);
+  const std::vector<T> bias = summed_biases<T>(args);
   const int64_t macs = s.rows * s.input_size * width;
   if (macs < kBlasWorkThreshold) {
     cpu::mark_worker(Phase::InputProjection, 0);
@@ -142,7 +156,7 @@ void project_inputs(const LayerArgs& args, const at::Tensor& input_rows, at::Ten
     T* out = output_rows.data_ptr<T>();
     if (s.has_bias) {
       for (const auto r : c10::irange(s.rows))
-        std::memcpy(out + r * width, bias.data_ptr<T>(), width * sizeof(T));
+        std::memcpy(out + r * width, bias.data(), width * sizeof(T));
     }
     strided_row_matmul<T>(s.rows, input_rows.data_ptr<T>(), s.input_size, weight_t, out, width,
                           s.has_bias);
@@ -158,7 +172,7 @@ void project_inputs(const LayerArgs& args, const at::Tensor& input_rows, at::Ten
     const auto [begin, end] = cpu::split_range(s.rows, 1, p, parts);
     if (s.has_bias) {
       for (int64_t r = begin; r < end; ++r)
-        std::memcpy(out + r * width, bias.data_ptr<T>(), width * sizeof(T));
+        std::memcpy(out + r * width, bias.data(), width * sizeof(T));
     }
     strided_row_matmul<T>(end - begin, in + begin * s.input_size, s.input_size, weight_t,
                           out + begin * width, width, s.has_bias);
@@ -318,7 +332,7 @@ at::Tensor input_gradient(const LayerArgs& args, const at::Tensor& grad_pre) {
   cpu::PhaseTimer timer(Phase::InputGradient);
   const ElmanShape& s = args.shape;
   const int64_t width = s.output_width();
-  const at::Tensor stacked = stacked_input_weights(args).first;  // [D*H, I]
+  const at::Tensor stacked = stacked_input_weights(args);  // [D*H, I]
   at::Tensor grad_input = at::empty({s.rows, s.input_size}, grad_pre.options());
   const int64_t macs = s.rows * width * s.input_size;
   if (macs < kBlasWorkThreshold) {
@@ -374,13 +388,17 @@ void small_weight_gradients(const LayerArgs& args, const at::Tensor& grad_pre,
   cpu::mark_worker(Phase::WeightGradient, 0);
   const ElmanShape& s = args.shape;
   const int64_t H = s.hidden_size, width = s.output_width();
-  const at::Tensor grad_pre_t = grad_pre.t().contiguous();  // [D*H, rows]
+  // dP transposed, [D*H, rows], without a dispatch: a small layer's backward feels each one.
+  std::vector<T> grad_pre_t(width * s.rows);
+  const T* dp = grad_pre.data_ptr<T>();
+  for (const auto r : c10::irange(s.rows))
+    for (const auto j : c10::irange(width)) grad_pre_t[j * s.rows + r] = dp[r * width + j];
   PackedMatrix<T> inputs, previous;
   cpu::pack_matrix(inputs, input_rows.data_ptr<T>(), s.rows, s.input_size,
                    /*k_stride=*/s.input_size, /*j_stride=*/1);
   std::vector<T> previous_rows(s.rows * H);
   for (const auto d : c10::irange(s.directions)) {
-    const T* grad_pre_d = grad_pre_t.data_ptr<T>() + d * H * s.rows;
+    const T* grad_pre_d = grad_pre_t.data() + d * H * s.rows;
     strided_row_matmul<T>(H, grad_pre_d, s.rows, inputs, grads[d].weight_ih.data_ptr<T>(),
                           s.input_size, /*accumulate=*/false);
     gather_previous_states<T>(args, d, hx.data_ptr<T>(), output_rows.data_ptr<T>(),
