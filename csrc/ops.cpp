@@ -1,10 +1,15 @@
 // The rnn_ext operator schemas (TORCH_LIBRARY), and the Python module that loading them needs,
 // with what the build report and the tests read from it: whether CUDA kernels are built, the CPU
-// kernel chosen for this CPU, and the CPU backend's per-phase thread counters.
+// kernel chosen for this CPU, and the CPU backend's per-phase thread counters; and the typed entry
+// to elman_stack that rnn_ext.RNN's common eager call uses.
 #include <torch/library.h>
 #include <torch/extension.h>
 
+#include <ATen/core/dispatch/Dispatcher.h>
+
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "cpu/bf16_kernels.h"
 #include "cpu/row_matmul.h"
@@ -54,6 +59,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("built_with_cuda") = false;
 #endif
+  m.def(
+      "_elman_stack_eager",
+      [](const at::Tensor& input, const c10::optional<at::Tensor>& hx,
+         const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& dropout_masks,
+         int64_t num_layers, bool bidirectional, bool relu, bool batch_first) {
+        static auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("rnn_ext::elman_stack", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const c10::optional<at::Tensor>&,
+                                 at::TensorList, const c10::optional<at::Tensor>&, at::TensorList,
+                                 int64_t, bool, bool, bool)>();
+        pybind11::gil_scoped_release no_gil;
+        return op.call(input, hx, weights, c10::nullopt, dropout_masks, num_layers, bidirectional,
+                       relu, batch_first);
+      },
+      "rnn_ext::elman_stack without batch_sizes, through the dispatcher (autograd, profiler and "
+      "dispatch modes see the operator) but without torch.ops' argument parsing, which costs "
+      "several microseconds. For plain tensors only: __torch_function__ is not consulted.");
   m.def(
       "cpu_kernel",
       [] {

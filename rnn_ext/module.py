@@ -13,10 +13,10 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence
 
+from ._extension import _C
 from .checkpoint import check_state
 from .layers import StackConfig, dropout_masks, overrides_torch_function, run_stack
 from .onnx import reject_packed_export
-from .ops import elman_stack
 
 _NONLINEARITY_MODES = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
 
@@ -26,6 +26,9 @@ _is_compiling = torch.compiler.is_compiling
 _is_any_autocast_enabled = torch._C._is_any_autocast_enabled
 _are_functorch_transforms_active = torch._C._are_functorch_transforms_active
 _get_tracing_state = torch._C._get_tracing_state
+_is_torch_function_mode_enabled = torch._C._is_torch_function_mode_enabled
+# rnn_ext::elman_stack through a typed binding: the operator, minus torch.ops' argument parsing.
+_elman_stack_eager = _C._elman_stack_eager
 _TENSOR = repeat(Tensor)
 
 
@@ -64,8 +67,8 @@ class RNN(nn.RNNBase):
     def forward(self, input, hx=None):
         if not torch.jit.is_scripting():
             # The common call: a batched tensor, outside torch.compile/export, autocast, tracing,
-            # torch.func transforms and forward-mode AD. Under Dynamo, is_compiling() ends it
-            # before the checks Dynamo cannot trace.
+            # torch.func transforms, forward-mode AD and torch function modes. Under Dynamo,
+            # is_compiling() ends it before the checks Dynamo cannot trace.
             if (
                 type(input) is Tensor
                 and input.dim() == 3
@@ -74,6 +77,7 @@ class RNN(nn.RNNBase):
                 and not _are_functorch_transforms_active()
                 and forward_ad._current_level < 0
                 and _get_tracing_state() is None
+                and not _is_torch_function_mode_enabled()
             ):
                 result = self._forward_eager_batched(input, hx)
                 if result is not None:
@@ -166,10 +170,10 @@ class RNN(nn.RNNBase):
 
     @torch.jit.unused
     def _forward_eager_batched(self, input: Tensor, hx: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
-        """forward for the common call (a batched tensor, eager, no autocast, trace, transform or
-        export active): nn.RNN's checks of such a call and one rnn_ext::elman_stack call, with the
-        general path's results. Returns None for anything irregular, which the general path then
-        handles or rejects with its messages."""
+        """forward for the common call (a batched plain tensor, eager, no autocast, trace, transform,
+        export or torch function mode active): nn.RNN's checks of such a call and one
+        rnn_ext::elman_stack call, with the general path's results. Returns None for anything
+        irregular, which the general path then handles or rejects with its messages."""
         weights = self._registered_flat_weights()
         if weights is None:
             return None
@@ -198,8 +202,10 @@ class RNN(nn.RNNBase):
         if num_layers > 1 and self.dropout and self.training:
             config = StackConfig(num_layers, bidirectional, False, batch_first, float(self.dropout), True)
             masks = dropout_masks([steps, batch], hidden, input, config)
-        return elman_stack(
-            input, hx, weights, None, masks, num_layers, bidirectional, self.mode == "RNN_RELU", batch_first
+        if hx is not None and type(hx) is not Tensor:
+            return None  # a tensor subclass: torch.ops consults its __torch_function__
+        return _elman_stack_eager(
+            input, hx, weights, masks, num_layers, bidirectional, self.mode == "RNN_RELU", batch_first
         )
 
     def __setstate__(self, state):

@@ -9,6 +9,8 @@ import re
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import rnn_ext
 from helpers import ours_and_reference
@@ -286,3 +288,53 @@ def test_half_types_on_cpu(dtype):
     expected, expected_h = truth_module(x.to(dtype).double())
     torch.testing.assert_close(output.double(), expected, rtol=0, atol=2e-2)
     torch.testing.assert_close(h_n.double(), expected_h, rtol=0, atol=2e-2)
+
+
+class _RecordingDispatchMode(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+class _RecordingFunctionMode(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode_kind", ["dispatch", "function"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_modes_see_what_torch_ops_shows_them(mode_kind, grad):
+    """The common eager call reaches rnn_ext::elman_stack through a typed binding, not torch.ops:
+    a dispatch mode must see what it sees when torch.ops.rnn_ext.elman_stack is called (the
+    operators below its autograd kernel), and a torch function mode (which only torch.ops
+    consults) must send the call the general way, where it sees the operator. Same results as
+    nn.RNN either way."""
+    ours, reference = ours_and_reference(3, 4, 2, seed=3, dtype=torch.float64)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    h0 = torch.randn(2, 2, 4, dtype=torch.float64)
+    mode_class = _RecordingDispatchMode if mode_kind == "dispatch" else _RecordingFunctionMode
+    with torch.set_grad_enabled(grad), mode_class() as through_module:
+        got = ours(x, h0)
+    with torch.set_grad_enabled(grad), mode_class() as through_torch_ops:
+        torch.ops.rnn_ext.elman_stack.default(x, h0, ours._flat_weights, None, [], 2, False, False, False)
+    if mode_kind == "dispatch":
+        assert through_module.seen == through_torch_ops.seen
+    else:  # the general path also runs tensor methods the mode sees
+        assert through_torch_ops.seen == [torch.ops.rnn_ext.elman_stack.default]
+        assert torch.ops.rnn_ext.elman_stack.default in through_module.seen
+    assert any(getattr(func, "namespace", None) == "rnn_ext" for func in through_module.seen)
+    expected = reference(x, h0)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    if grad:
+        ours_grads = torch.autograd.grad(sum(t.sum() for t in got), list(ours.parameters()))
+        reference_grads = torch.autograd.grad(sum(t.sum() for t in expected), list(reference.parameters()))
+        torch.testing.assert_close(ours_grads, reference_grads, rtol=1e-10, atol=1e-12)
