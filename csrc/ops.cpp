@@ -64,12 +64,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](const at::Tensor& input, const c10::optional<at::Tensor>& hx,
          const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& dropout_masks,
          int64_t num_layers, bool bidirectional, bool relu, bool batch_first) {
-        static auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("rnn_ext::elman_stack", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(
-                                 const at::Tensor&, const c10::optional<at::Tensor>&,
-                                 at::TensorList, const c10::optional<at::Tensor>&, at::TensorList,
-                                 int64_t, bool, bool, bool)>();
+        static auto op =
+            c10::Dispatcher::singleton()
+                .findSchemaOrThrow("rnn_ext::elman_stack", "")
+                .typed<std::tuple<at::Tensor, at::Tensor>(
+                    const at::Tensor&, const c10::optional<at::Tensor>&, at::TensorList,
+                    const c10::optional<at::Tensor>&, at::TensorList, int64_t, bool, bool, bool)>();
         pybind11::gil_scoped_release no_gil;
         return op.call(input, hx, weights, c10::nullopt, dropout_masks, num_layers, bidirectional,
                        relu, batch_first);
