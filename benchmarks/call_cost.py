@@ -1,8 +1,9 @@
 """Where one call of a small model's forward, and of its forward+backward, spends its time: the
-module's Python, the operator's dispatch and autograd glue, torch's autograd engine, and the
-kernels (rnn_ext._C._cpu_phase_stats). Each part is the difference of two timings taken in this
-process, alternated round by round (torch.utils.benchmark, medians), so a part is only as exact as
-the spread of the timings around it; the load average is printed.
+module's Python, the operator's entry, dispatch and glue, autograd (the node, torch's engine and
+torch.autograd.backward's Python), and the kernels (rnn_ext._C._cpu_phase_stats). Each part is the
+difference of two timings taken in this process, alternated round by round (torch.utils.benchmark,
+medians), so a part is only as exact as the spread of the timings around it; the load average is
+printed.
 
     python benchmarks/call_cost.py                      # the seed model: 10,1,1,32,1 batch_first
     python benchmarks/call_cost.py --config 100,16,128,128,3 --threads 2 --rounds 5
@@ -65,7 +66,8 @@ def main() -> int:
     grad_h_n = torch.randn_like(h0)
     parameters = list(model.parameters())
     weights = list(model._flat_weights)
-    op = torch.ops.rnn_ext.elman_stack.default
+    op = rnn_ext._C._elman_stack_eager  # what the module's eager call uses
+    torch_ops = torch.ops.rnn_ext.elman_stack.default
     stack_forward = torch.ops.rnn_ext._elman_stack_forward.default
     stack_backward = torch.ops.rnn_ext.elman_stack_backward.default
     detached = [w.detach() for w in weights]
@@ -79,7 +81,11 @@ def main() -> int:
 
     def op_forward():
         with torch.no_grad():
-            op(x, h0, weights, None, [], layers, False, False, batch_first)
+            op(x, h0, weights, [], layers, False, False, batch_first)
+
+    def torch_ops_forward():
+        with torch.no_grad():
+            torch_ops(x, h0, weights, None, [], layers, False, False, batch_first)
 
     def module_training():
         for parameter in parameters:
@@ -90,7 +96,7 @@ def main() -> int:
     def op_training():
         for parameter in parameters:
             parameter.grad = None
-        out, h_n = op(x, h0, weights, None, [], layers, False, False, batch_first)
+        out, h_n = op(x, h0, weights, [], layers, False, False, batch_first)
         torch.autograd.backward((out, h_n), (grad_output, grad_h_n))
 
     def bare_training():  # the forward and backward operators, no autograd
@@ -107,6 +113,7 @@ def main() -> int:
     calls = {
         "module_forward": module_forward,
         "op_forward": op_forward,
+        "torch_ops_forward": torch_ops_forward,
         "module_training": module_training,
         "op_training": op_training,
         "bare_training": bare_training,
@@ -132,11 +139,14 @@ def main() -> int:
     print(f"    module Python (module - op)       {t['module_forward'] - t['op_forward']:8.2f}")
     print(f"    op dispatch + glue (op - kernels) {t['op_forward'] - forward_kernels:8.2f}")
     print(f"    kernels                           {forward_kernels:8.2f}")
+    print(
+        f"  the same op through torch.ops       {t['torch_ops_forward']:8.2f}  (instead of the typed entry)"
+    )
     print("forward+backward, us per call")
     print(f"  module call                         {t['module_training']:8.2f}")
     print(f"    module Python (module - op)       {t['module_training'] - t['op_training']:8.2f}")
     print(f"    autograd (op - bare ops)          {t['op_training'] - t['bare_training']:8.2f}")
-    print(f"    ops dispatch + glue (bare - kern.){t['bare_training'] - training_kernels:8.2f}")
+    print(f"    ops dispatch + glue (bare - kern) {t['bare_training'] - training_kernels:8.2f}")
     print(f"    kernels                           {training_kernels:8.2f}")
     print(f"  torch's engine on a one-node graph  {t['trivial_backward']:8.2f}  (for scale)")
     return 0
