@@ -9,7 +9,7 @@ from torch.autograd import forward_ad
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-from helpers import DEVICES, float64_pair, layer_on, random_layer, seeded_randn
+from helpers import DEVICES, float64_pair, layer_on, random_layer, seeded_randn, skip_if_expecttest_missing
 from rnn_ext import reference
 
 # CUDA cases are listed (and skipped) everywhere, so that a run without a GPU says so.
@@ -419,6 +419,17 @@ def test_composite_op_matches_the_fused_op(case):
     assert fused[0].abs().max() > 0.1 and fused_grads[2].abs().max() > 1e-3
     for got, want in zip([*composite, *composite_grads], [*fused, *fused_grads]):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_composite_op_passes_opcheck_on_padded_input():
+    """The op has no fake kernel: under fake tensors and AOT tracing it decomposes into ATen ops.
+    (Packed input is left out: the layout comes from batch_sizes' values, which a symbolic trace
+    does not have; torch.compile and torch.export take the fused operator, whose fake kernel does.)"""
+    args = stack_call_args((2, True, True, False, False, True))
+    for tensor in [args[0], args[1], *args[2]]:
+        tensor.requires_grad_(True)
+    with skip_if_expecttest_missing():
+        torch.library.opcheck(torch.ops.rnn_ext._elman_stack_composite.default, args)
 
 
 def test_composite_op_checks_its_stack_arguments():
