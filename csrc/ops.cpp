@@ -43,6 +43,13 @@ TORCH_LIBRARY(rnn_ext, m) {
       "_elman_stack_forward(Tensor input, Tensor hx, Tensor[] weights, Tensor? batch_sizes,"
       " Tensor[] dropout_masks, int num_layers, bool bidirectional, bool relu, bool batch_first)"
       " -> (Tensor output, Tensor h_n, Tensor[] layer_outputs)");
+  // elman_stack (hx given) as a chain of differentiable ATen ops, step by step: the same math,
+  // slow, for what the fused kernels' C++ autograd cannot serve (torch.func transforms other than
+  // vmap, forward-mode AD, double backward). A CompositeImplicitAutograd kernel (composite.cpp).
+  m.def(
+      "_elman_stack_composite(Tensor input, Tensor hx, Tensor[] weights, Tensor? batch_sizes,"
+      " Tensor[] dropout_masks, int num_layers, bool bidirectional, bool relu, bool batch_first)"
+      " -> (Tensor output, Tensor h_n)");
   // Gradients of elman_stack: the layers' elman_backward in reverse order. output_mask says which
   // of (input, hx, weights) need a gradient; the others come back empty.
   m.def(

@@ -1,6 +1,7 @@
 """The one place that decides how rnn_ext.RNN's layer stack runs (run_stack): the fused operator
-rnn_ext::elman_stack, the same math as differentiable torch ops for torch.func / forward-mode AD,
-or what an ONNX exporter understands. The stack's arguments travel as one StackConfig."""
+rnn_ext::elman_stack, the same math as differentiable ATen ops (rnn_ext::_elman_stack_composite)
+for torch.func / forward-mode AD, or what an ONNX exporter understands. The stack's arguments
+travel as one StackConfig."""
 
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -11,7 +12,7 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.autograd import forward_ad
 
 from .onnx import export_layers
-from .ops import elman_stack
+from .ops import elman_stack, elman_stack_composite
 
 
 class StackConfig(NamedTuple):
@@ -86,62 +87,6 @@ def torch_function_layers(
 
 
 @torch.jit.unused
-def composite_layer(
-    input: Tensor, hx: Tensor, weights: List[Tensor], batch_sizes: Optional[Tensor], relu: bool
-) -> Tuple[Tensor, Tensor]:
-    """One layer of rnn_ext::elman_forward (same arguments, same results) as a chain of torch ops,
-    step by step. Slow; every torch transform (grad, jvp, vmap, forward AD, hessian) composes
-    with it, which the fused operator's C++ autograd cannot. Eager only: TorchScript has no
-    torch.func."""
-    directions = hx.shape[0]
-    per_direction = len(weights) // directions
-    if batch_sizes is None:
-        steps = input.shape[0]
-        batch = input.shape[1]
-        sizes = [batch] * steps
-        offsets = [t * batch for t in range(steps)]
-        rows = input.reshape(steps * batch, input.shape[-1])
-    else:
-        sizes = [int(size) for size in batch_sizes.tolist()]
-        steps = len(sizes)
-        batch = sizes[0]
-        offsets = [0] * steps
-        for t in range(1, steps):
-            offsets[t] = offsets[t - 1] + sizes[t - 1]
-        rows = input
-    direction_outputs: List[Tensor] = []
-    final_states: List[Tensor] = []
-    for d in range(directions):
-        w_ih = weights[d * per_direction]
-        w_hh = weights[d * per_direction + 1]
-        projected = torch.matmul(rows, w_ih.t())
-        if per_direction == 4:
-            projected = projected + weights[d * per_direction + 2] + weights[d * per_direction + 3]
-        reverse = d == 1
-        h0 = hx[d]
-        state = h0  # rows past a step's batch size hold their final states
-        step_outputs: List[Tensor] = [h0] * steps
-        for position in range(steps):
-            t = steps - 1 - position if reverse else position
-            active = sizes[t]
-            previous = state.narrow(0, 0, active)
-            if reverse and t + 1 < steps and sizes[t + 1] < active:
-                # Rows whose sequence ends at step t start here, in reverse, from h0.
-                carried = sizes[t + 1]
-                previous = torch.cat([state.narrow(0, 0, carried), h0.narrow(0, carried, active - carried)])
-            pre = projected.narrow(0, offsets[t], active) + torch.matmul(previous, w_hh.t())
-            h = torch.relu(pre) if relu else torch.tanh(pre)
-            step_outputs[t] = h
-            state = h if active == batch else torch.cat([h, state.narrow(0, active, batch - active)])
-        direction_outputs.append(torch.cat(step_outputs, 0))
-        final_states.append(state)
-    output = torch.cat(direction_outputs, -1)
-    if batch_sizes is None:
-        output = output.reshape(steps, batch, output.shape[-1])
-    return output, torch.stack(final_states, 0)
-
-
-@torch.jit.unused
 def needs_composite(input: Tensor, hx: Tensor, weights: List[Tensor]) -> bool:
     """True where the fused operator cannot serve the caller: inside a torch.func transform other
     than vmap (grad, vjp, jacrev, jacfwd, jvp, hessian), or when a forward-mode AD tangent rides on
@@ -181,34 +126,6 @@ def dropout_masks(rows: List[int], hidden: int, like: Tensor, config: StackConfi
     return masks
 
 
-@torch.jit.unused
-def composite_stack(
-    input: Tensor,
-    hx: Tensor,
-    weights: List[Tensor],
-    batch_sizes: Optional[Tensor],
-    masks: List[Tensor],
-    config: StackConfig,
-) -> Tuple[Tensor, Tensor]:
-    """rnn_ext::elman_stack (hx given) as differentiable torch ops, layer by layer."""
-    swap = config.batch_first and batch_sizes is None
-    directions = 2 if config.bidirectional else 1
-    per_layer = len(weights) // config.num_layers
-    layer_input = input.transpose(0, 1) if swap else input
-    final_states: List[Tensor] = []
-    for layer in range(config.num_layers):
-        layer_output, layer_h_n = composite_layer(
-            layer_input,
-            hx[layer * directions : (layer + 1) * directions],
-            weights[layer * per_layer : (layer + 1) * per_layer],
-            batch_sizes,
-            config.relu,
-        )
-        final_states.append(layer_h_n)
-        layer_input = layer_output * masks[layer] if masks and layer < len(masks) else layer_output
-    return (layer_input.transpose(0, 1) if swap else layer_input), torch.cat(final_states, 0)
-
-
 def run_stack(
     input: Tensor,
     hx: Tensor,
@@ -223,7 +140,8 @@ def run_stack(
 
     - an ONNX exporter running: torch's RNN function (TorchScript-based exporter) or ONNX RNN
       nodes (dynamo exporter);
-    - a torch.func transform other than vmap, or a forward-mode AD tangent: the composite;
+    - a torch.func transform other than vmap, or a forward-mode AD tangent: the composite operator
+      rnn_ext::_elman_stack_composite, whose kernel is a chain of differentiable ATen ops;
     - otherwise (eager, vmap, torch.compile/export, TorchScript): rnn_ext::elman_stack.
     """
     swap = config.batch_first and batch_sizes is None
@@ -253,7 +171,17 @@ def run_stack(
     masks = dropout_masks(rows, hx.shape[-1], input, config)
     if not torch.jit.is_scripting():
         if not torch.compiler.is_compiling() and needs_composite(input, hx, weights):
-            return composite_stack(input, hx, weights, batch_sizes, masks, config)
+            return elman_stack_composite(
+                input,
+                hx,
+                weights,
+                batch_sizes,
+                masks,
+                config.num_layers,
+                config.bidirectional,
+                config.relu,
+                config.batch_first,
+            )
         return elman_stack(
             input,
             hx,

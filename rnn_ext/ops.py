@@ -58,6 +58,9 @@ def _elman_backward_fake(grad_output, grad_h_n, input, hx, weights, output, batc
 
 
 elman_stack = torch.ops.rnn_ext.elman_stack.default
+# elman_stack (hx given) as differentiable ATen ops; a CompositeImplicitAutograd kernel, so every
+# transform and tracer sees those ops and it needs no fake kernel or batching rule of its own.
+elman_stack_composite = torch.ops.rnn_ext._elman_stack_composite.default
 
 
 def _stack_fake(input, hx, weights, batch_sizes, dropout_masks, num_layers, bidirectional, batch_first):

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch.autograd import forward_ad
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-from helpers import DEVICES, float64_pair, layer_on, random_layer, seeded_randn
-from rnn_ext.layers import composite_layer
+from helpers import DEVICES, float64_pair, layer_on, random_layer, seeded_randn, skip_if_expecttest_missing
+from rnn_ext import reference
 
 # CUDA cases are listed (and skipped) everywhere, so that a run without a GPU says so.
 
@@ -47,11 +47,45 @@ def params_of(module):
     return {name: p.detach() for name, p in module.named_parameters()}
 
 
-def fused_op_calls(fn):
-    """How often rnn_ext::elman_forward ran (its fused kernel) while fn() ran."""
+def fused_op_calls(fn, op="rnn_ext::elman_forward"):
+    """How often `op` ran while fn() ran: by default rnn_ext::elman_forward, the fused kernel."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         fn()
-    return sum(event.count for event in profile.key_averages() if event.key == "rnn_ext::elman_forward")
+    return sum(event.count for event in profile.key_averages() if event.key == op)
+
+
+def reference_layer(input, hx, weights, batch_sizes, relu):
+    """One elman_forward call (same arguments, same results) by the oracle rnn_ext.reference,
+    differentiable: packed rows go to a zero-padded [T, B, I] and come back as rows."""
+    directions, per_direction = hx.shape[0], len(weights) // hx.shape[0]
+    if batch_sizes is None:
+        padded, lengths = input, None
+    else:
+        sizes = batch_sizes.tolist()
+        steps, batch = len(sizes), sizes[0]
+        offsets = [sum(sizes[:t]) for t in range(steps)]
+        index = torch.tensor(
+            [[offsets[t] + min(b, size - 1) for b in range(batch)] for t, size in enumerate(sizes)]
+        )
+        valid = torch.tensor([[float(b < sizes[t]) for b in range(batch)] for t in range(steps)])
+        padded = input[index] * valid.to(input).unsqueeze(-1)
+        lengths = [sum(1 for size in sizes if size > b) for b in range(batch)]
+    outputs, finals = [], []
+    for d in range(directions):
+        output, h = reference.elman_layer(
+            padded,
+            hx[d],
+            *weights[d * per_direction : (d + 1) * per_direction],
+            nonlinearity="relu" if relu else "tanh",
+            reverse=d == 1,
+            lengths=lengths,
+        )
+        outputs.append(output)
+        finals.append(h)
+    output = torch.cat(outputs, -1)
+    if batch_sizes is not None:
+        output = torch.cat([output[t, :size] for t, size in enumerate(sizes)])
+    return output, torch.stack(finals)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -280,14 +314,14 @@ def test_elman_forward_batching_rule_matches_a_loop(device, packed, batched):
             batch_sizes,
             False,
         )
-        reference = composite_layer(
+        truth_of = reference_layer(
             inputs[:, index] if in_input is not None else base_input,
             hxs[:, :, index] if in_hx is not None else base_hx,
             [w[index] for w in weights] if in_weights is not None else base_weights,
             batch_sizes,
             False,
         )
-        for got, want, truth in zip((output[index], h_n[index]), expected, reference):
+        for got, want, truth in zip((output[index], h_n[index]), expected, truth_of):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(got, truth, rtol=1e-10, atol=1e-10)
 
@@ -320,9 +354,9 @@ def test_elman_backward_batching_rule_matches_a_loop(device, packed, mask):
         assert len(grad_weights) == (len(weights) if mask[2] else 0)
         for got, want in zip(grad_weights, want_weights):
             torch.testing.assert_close(got[index], want, rtol=0, atol=0)
-        # and the values are the gradients: against autograd through the composite layer
+        # and the values are the gradients: against autograd through the oracle
         leaves = [t.detach().requires_grad_(True) for t in [input, hx, *weights]]
-        ref_output, ref_h_n = composite_layer(leaves[0], leaves[1], leaves[2:], batch_sizes, True)
+        ref_output, ref_h_n = reference_layer(leaves[0], leaves[1], leaves[2:], batch_sizes, True)
         truth = torch.autograd.grad((ref_output, ref_h_n), leaves, (grad_outputs[index], grad_h_ns[index]))
         if mask[0]:
             torch.testing.assert_close(grad_input[index], truth[0], rtol=1e-10, atol=1e-10)
@@ -331,15 +365,237 @@ def test_elman_backward_batching_rule_matches_a_loop(device, packed, mask):
                 torch.testing.assert_close(got[index], want, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("relu", [False, True])
-def test_composite_layer_matches_the_fused_op(packed, relu):
-    input, hx, weights, batch_sizes = op_args("cpu", packed=packed, batch=4, steps=5)
-    for got, want in zip(
-        composite_layer(input, hx, weights, batch_sizes, relu),
-        torch.ops.rnn_ext.elman_forward(input, hx, weights, batch_sizes, relu),
-    ):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+# (num_layers, bidirectional, batch_first, relu, packed, dropout masks)
+STACK_CASES = [
+    (1, True, False, False, True, False),
+    (2, False, True, True, False, True),
+    (3, True, True, False, True, True),
+    (2, True, False, True, False, False),
+]
+
+
+def stack_call_args(case, seed=0):
+    """Random float64 arguments of one elman_stack call with hx given (the composite operator's
+    arguments): packed input has lengths 5, 4, 2; dropout masks are scaled 0/1 draws."""
+    layers, bidirectional, batch_first, relu, packed, dropout = case
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(shape, generator=generator, dtype=torch.float64) * scale
+
+    directions, hidden, input_size, batch, steps = (2 if bidirectional else 1), 4, 3, 3, 5
+    weights = []
+    for layer in range(layers):
+        width = input_size if layer == 0 else directions * hidden
+        for _ in range(directions):
+            weights += [randn(hidden, width, scale=0.5), randn(hidden, hidden, scale=0.5)]
+            weights += [randn(hidden, scale=0.1), randn(hidden, scale=0.1)]
+    if packed:
+        batch_sizes = torch.tensor([3, 3, 2, 2, 1])
+        input = randn(int(batch_sizes.sum()), input_size)
+        rows = [input.shape[0]]
+    else:
+        batch_sizes = None
+        input = randn(batch, steps, input_size) if batch_first else randn(steps, batch, input_size)
+        rows = [steps, batch]
+    hx = randn(layers * directions, batch, hidden)
+    masks = []
+    if dropout:
+        for _ in range(layers - 1):
+            keep = torch.rand(rows + [directions * hidden], generator=generator, dtype=torch.float64) > 0.3
+            masks.append(keep.double() / 0.7)
+    return input, hx, weights, batch_sizes, masks, layers, bidirectional, relu, batch_first
+
+
+@pytest.mark.parametrize("case", STACK_CASES, ids=lambda case: "-".join(str(int(v)) for v in case))
+def test_composite_op_matches_the_fused_op(case):
+    args = stack_call_args(case)
+    leaves = [t.requires_grad_(True) for t in [args[0], args[1], *args[2]]]
+    composite = torch.ops.rnn_ext._elman_stack_composite(*args)
+    fused = torch.ops.rnn_ext.elman_stack(*args)
+    cotangents = [seeded_randn(*t.shape, seed=9 + i) for i, t in enumerate(fused)]
+    composite_grads = torch.autograd.grad(composite, leaves, cotangents)
+    fused_grads = torch.autograd.grad(fused, leaves, cotangents)
+    assert fused[0].abs().max() > 0.1 and fused_grads[2].abs().max() > 1e-3
+    for got, want in zip([*composite, *composite_grads], [*fused, *fused_grads]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_composite_op_passes_opcheck_on_padded_input():
+    """The op has no fake kernel: under fake tensors and AOT tracing it decomposes into ATen ops.
+    (Packed input is left out: the layout comes from batch_sizes' values, which a symbolic trace
+    does not have; torch.compile and torch.export take the fused operator, whose fake kernel does.)"""
+    args = stack_call_args((2, True, True, False, False, True))
+    for tensor in [args[0], args[1], *args[2]]:
+        tensor.requires_grad_(True)
+    with skip_if_expecttest_missing():
+        torch.library.opcheck(torch.ops.rnn_ext._elman_stack_composite.default, args)
+
+
+def test_composite_op_checks_its_stack_arguments():
+    input, hx, weights, batch_sizes, masks, layers, bidirectional, relu, batch_first = stack_call_args(
+        STACK_CASES[2]
+    )
+    op = torch.ops.rnn_ext._elman_stack_composite
+    with pytest.raises(RuntimeError, match="num_layers must be at least 1"):
+        op(input, hx, weights, batch_sizes, masks, 0, bidirectional, relu, batch_first)
+    with pytest.raises(RuntimeError, match="dropout_masks must be empty or hold one mask per layer"):
+        op(input, hx, weights, batch_sizes, masks[:1], layers, bidirectional, relu, batch_first)
+    with pytest.raises(RuntimeError, match="hx must be"):
+        op(input, hx[1:], weights, batch_sizes, masks, layers, bidirectional, relu, batch_first)
+
+
+def packed_dropout_pair(bidirectional, dropout=0.4):
+    ours, theirs = float64_pair(3, 4, num_layers=3, bidirectional=bidirectional, dropout=dropout)
+    return ours.train(), theirs.train()
+
+
+def packed_outputs(module, hx, lengths, seed=11):
+    """f(params, padded) -> (output rows, h_n) of module on the packed sequence, packed inside f
+    (so that its batch sizes are made inside the transform), with dropout masks fixed by the seed
+    (drawn in the same order by both modules)."""
+
+    def fn(params, padded):
+        torch.manual_seed(seed)
+        sequence = pack_padded_sequence(padded, lengths, enforce_sorted=False)
+        output, h_n = functional_call(module, params, (sequence, hx))
+        return output.data, h_n
+
+    return fn
+
+
+def rows_outputs(module, hx, sequence, seed=11):
+    """f(params, rows) -> (output rows, h_n) of module on `sequence` with its data replaced by rows:
+    torch's pack_padded_sequence has no derivative under torch.func, so transforms that
+    differentiate the input take the packed rows."""
+
+    def fn(params, rows):
+        torch.manual_seed(seed)
+        packed = PackedSequence(
+            rows, sequence.batch_sizes, sequence.sorted_indices, sequence.unsorted_indices
+        )
+        output, h_n = functional_call(module, params, (packed, hx))
+        return output.data, h_n
+
+    return fn
+
+
+def scalar_of(outputs):
+    def fn(params, input):
+        output, h_n = outputs(params, input)
+        return (output.sin() * torch.arange(output.numel()).view(output.shape).cos()).sum() + h_n.pow(2).sum()
+
+    return fn
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_transforms_with_packed_input_and_dropout_match_nn_rnn(bidirectional):
+    # nn.RNN's packed path cannot run under torch.func (it reads batch_sizes' memory, which a
+    # transform's wrapper does not have): its values come from plain autograd and forward AD.
+    ours, theirs = packed_dropout_pair(bidirectional)
+    padded = make_input((1, False, False, "tanh"), batch=3, steps=5)
+    lengths = torch.tensor([5, 2, 4])
+    sequence = pack_padded_sequence(padded, lengths, enforce_sorted=False)
+    rows = sequence.data
+    hx = make_hx((3, bidirectional), batch=3)
+    tangent = seeded_randn(*rows.shape, seed=4)
+    results = []
+    for module in (ours, theirs):
+        params = params_of(module)
+        outputs = rows_outputs(module, hx, sequence)
+        loss = scalar_of(outputs)
+        packing_loss = scalar_of(packed_outputs(module, hx, lengths))
+        found = {"output": outputs(params, rows)[0]}
+        if module is ours:
+            found["params"] = grad(packing_loss)(params, padded)  # batch sizes made inside grad
+            found["grad_input"] = grad(loss, argnums=1)(params, rows)
+            found["jacrev"] = jacrev(lambda x: outputs(params, x)[0])(rows)  # noqa: B023
+            found["jvp"] = jvp(lambda x: outputs(params, x), (rows,), (tangent,))[1]  # noqa: B023
+        else:
+            live = dict(module.named_parameters())
+            found["params"] = dict(
+                zip(live, torch.autograd.grad(packing_loss(live, padded), list(live.values())))
+            )
+            leaf = rows.clone().requires_grad_(True)
+            found["grad_input"] = torch.autograd.grad(loss(params, leaf), leaf)[0]
+            found["jacrev"] = torch.autograd.functional.jacobian(lambda x: outputs(params, x)[0], rows)  # noqa: B023
+            found["jvp"] = torch.autograd.functional.jvp(lambda x: outputs(params, x), rows, tangent)[1]  # noqa: B023
+        with forward_ad.dual_level():
+            dual = outputs(params, forward_ad.make_dual(rows, tangent))
+            found["forward_ad"] = [forward_ad.unpack_dual(t).tangent for t in dual]
+        # double backward: the gradient's own gradient, through the module call
+        leaf = rows.clone().requires_grad_(True)
+        first = torch.autograd.grad(loss(dict(module.named_parameters()), leaf), leaf, create_graph=True)[0]
+        found["double_backward"] = torch.autograd.grad(first.pow(2).sum(), leaf)[0]
+        results.append(found)
+    assert results[0]["grad_input"].abs().max() > 1e-3 and results[0]["double_backward"].abs().max() > 1e-3
+    assert results[0]["jvp"][0].abs().max() > 1e-3
+    without_dropout = rows_outputs(ours.eval(), hx, sequence)(params_of(ours), rows)[0]
+    assert (results[0]["output"] - without_dropout).abs().max() > 1e-3  # the masks did apply
+    for key in results[1]:
+        for got, want in zip(
+            torch.utils._pytree.tree_leaves(results[0][key]), torch.utils._pytree.tree_leaves(results[1][key])
+        ):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=key)
+
+
+def test_hessian_and_jacfwd_with_packed_input_match_nn_rnn():
+    ours, theirs = packed_dropout_pair(True, dropout=0.0)
+    padded = make_input((1, False, False, "tanh"), batch=3, steps=4)
+    lengths = torch.tensor([4, 2, 3])
+    sequence = pack_padded_sequence(padded, lengths, enforce_sorted=False)
+    hx = make_hx((3, True), batch=3)
+    results = []
+    for module in (ours, theirs):
+        params = params_of(module)
+        loss = scalar_of(rows_outputs(module, hx, sequence))
+
+        def of_bias(bias):
+            return loss({**params, "bias_hh_l1": bias}, sequence.data)  # noqa: B023
+
+        def final_state(rows):
+            return rows_outputs(module, hx, sequence)(params, rows)[1]  # noqa: B023
+
+        if module is ours:
+            results.append((hessian(of_bias)(params["bias_hh_l1"]), jacfwd(final_state)(sequence.data)))
+        else:  # nn.RNN's packed path cannot run under torch.func: plain autograd
+            functional = torch.autograd.functional
+            results.append(
+                (
+                    functional.hessian(of_bias, params["bias_hh_l1"]),
+                    functional.jacobian(final_state, sequence.data),
+                )
+            )
+    assert results[0][0].abs().max() > 1e-3 and results[0][1].abs().max() > 1e-3
+    for got, want in zip(results[0], results[1]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_per_sample_grads_with_dropout_match_a_loop():
+    ours, theirs = float64_pair(
+        3, 4, num_layers=3, bidirectional=True, batch_first=True, dropout=0.3, nonlinearity="relu"
+    )
+    samples, steps = 3, 4
+    inputs = seeded_randn(samples, steps, 3, seed=6)
+
+    def sample_loss(module):
+        def loss(params, sample):
+            torch.manual_seed(21)
+            output, h_n = functional_call(module, params, (sample.unsqueeze(0),))
+            return output.sin().sum() + h_n.pow(2).sum()
+
+        return loss
+
+    # randomness="same": every sample gets the masks a plain call under the seed draws
+    per_sample = vmap(grad(sample_loss(ours.train())), in_dims=(None, 0), randomness="same")(
+        params_of(ours), inputs
+    )
+    theirs.train()
+    for index in range(samples):
+        params = dict(theirs.named_parameters())
+        expected = torch.autograd.grad(sample_loss(theirs)(params, inputs[index]), list(params.values()))
+        for name, value in zip(params, expected):
+            torch.testing.assert_close(per_sample[name][index], value, rtol=1e-10, atol=1e-10)
 
 
 def test_plain_call_runs_the_fused_op_and_transforms_do_not():
@@ -349,6 +605,9 @@ def test_plain_call_runs_the_fused_op_and_transforms_do_not():
     assert fused_op_calls(lambda: ours(x)) == 2
     assert fused_op_calls(lambda: ours(x)[0].sum().backward()) == 2
     assert fused_op_calls(lambda: grad(lambda p: loss_of(ours, p, x))(params_of(ours))) == 0
+    composite = "rnn_ext::_elman_stack_composite"
+    assert fused_op_calls(lambda: grad(lambda p: loss_of(ours, p, x))(params_of(ours)), composite) == 1
+    assert fused_op_calls(lambda: ours(x), composite) == 0
     assert (
         fused_op_calls(
             lambda: vmap(grad(lambda p, sample: loss_of(ours, p, sample)), in_dims=(None, 0))(
