@@ -24,6 +24,7 @@
 
 #include <atomic>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -55,11 +56,20 @@ struct alignas(64) ChunkCounter {
   std::atomic<int64_t> done{0};
 };
 
+// Pauses a wait spins through before it yields its core on each further check: a task's wait is
+// normally far shorter, but on a machine with more runnable threads than cores the thread being
+// waited for may need this core to run at all.
+constexpr int kSpinsBeforeYield = 1 << 12;
+
 // Waits until counter >= target; false when another thread's task failed.
 bool wait_for(const ChunkCounter& counter, int64_t target, const std::atomic<bool>& failed) {
-  while (counter.done.load(std::memory_order_acquire) < target) {
+  for (int spins = 0; counter.done.load(std::memory_order_acquire) < target; ++spins) {
     if (failed.load(std::memory_order_relaxed)) return false;
-    spin_pause();
+    if (spins < kSpinsBeforeYield) {
+      spin_pause();
+    } else {
+      std::this_thread::yield();
+    }
   }
   return true;
 }
