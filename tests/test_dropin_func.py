@@ -48,9 +48,16 @@ def params_of(module):
 
 
 def fused_op_calls(fn):
-    """How often rnn_ext::elman_forward ran (its fused kernel) while fn() ran."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        fn()
+    """How often rnn_ext::elman_forward ran (its fused kernel) while fn() ran, on one thread: there
+    the stack op runs each layer through elman_forward (on more, a unidirectional CPU stack runs as
+    the layer wavefront, which calls the layer kernel's pieces directly)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            fn()
+    finally:
+        torch.set_num_threads(threads)
     return sum(event.count for event in profile.key_averages() if event.key == "rnn_ext::elman_forward")
 
 
