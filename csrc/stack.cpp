@@ -220,7 +220,8 @@ void register_stack(torch::Library& m) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rnn_ext, CPU, m) { register_stack(m); }
+// The CPU kernels (cpu/wavefront.cpp) run a unidirectional stack as a layer wavefront and call
+// these loops for the other stacks.
 #ifdef RNN_EXT_WITH_CUDA
 TORCH_LIBRARY_IMPL(rnn_ext, CUDA, m) { register_stack(m); }
 #endif

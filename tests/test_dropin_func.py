@@ -48,11 +48,18 @@ def params_of(module):
 
 
 def fused_op_calls(fn, op="rnn_ext::elman_forward"):
-    """How often `op` ran while fn() ran: by default rnn_ext::elman_forward, the fused kernel."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        fn()
+    """How often `op` ran while fn() ran (by default rnn_ext::elman_forward, the fused kernel), on
+    one thread: there the stack op runs each layer through elman_forward (on more, a
+    unidirectional CPU stack runs as the layer wavefront, which calls the layer kernel's pieces
+    directly)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            fn()
+    finally:
+        torch.set_num_threads(threads)
     return sum(event.count for event in profile.key_averages() if event.key == op)
-
 
 def reference_layer(input, hx, weights, batch_sizes, relu):
     """One elman_forward call (same arguments, same results) by the oracle rnn_ext.reference,

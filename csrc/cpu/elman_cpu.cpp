@@ -26,6 +26,7 @@
 #include "../layer_args.h"
 #include "bf16_kernels.h"
 #include "bf16_layer.h"
+#include "elman_cpu.h"
 #include "row_matmul.h"
 #include "team.h"
 
@@ -144,48 +145,32 @@ template <typename T>
 void project_inputs(const LayerArgs& args, const at::Tensor& input_rows, at::Tensor& output_rows) {
   cpu::PhaseTimer timer(Phase::InputProjection);
   const ElmanShape& s = args.shape;
-  const int64_t width = s.output_width();
-  const at::Tensor weight = stacked_input_weights(args);
-  const std::vector<T> bias = summed_biases<T>(args);
-  const int64_t macs = s.rows * s.input_size * width;
+  PackedMatrix<T> weight_t;  // packed once for every part
+  const std::vector<T> bias = cpu::pack_input_weights<T>(args, weight_t);
+  const T* bias_data = s.has_bias ? bias.data() : nullptr;
+  const T* in = input_rows.data_ptr<T>();
+  T* out = output_rows.data_ptr<T>();
+  const int64_t macs = s.rows * s.input_size * s.output_width();
   if (macs < kBlasWorkThreshold) {
     cpu::mark_worker(Phase::InputProjection, 0);
-    PackedMatrix<T> weight_t;  // element (k, j) = W_ih[j, k]
-    cpu::pack_matrix(weight_t, weight.data_ptr<T>(), s.input_size, width, /*k_stride=*/1,
-                     /*j_stride=*/s.input_size);
-    T* out = output_rows.data_ptr<T>();
-    if (s.has_bias) {
-      for (const auto r : c10::irange(s.rows))
-        std::memcpy(out + r * width, bias.data(), width * sizeof(T));
-    }
-    strided_row_matmul<T>(s.rows, input_rows.data_ptr<T>(), s.input_size, weight_t, out, width,
-                          s.has_bias);
+    cpu::project_rows<T>(args, weight_t, bias_data, in, out, 0, s.rows);
     return;
   }
-  PackedMatrix<T> weight_t;  // element (k, j) = W_ih[j, k], packed once for every part
-  cpu::pack_matrix(weight_t, weight.data_ptr<T>(), s.input_size, width, /*k_stride=*/1,
-                   /*j_stride=*/s.input_size);
   const int64_t parts = product_parts(macs, s.rows);
-  T* out = output_rows.data_ptr<T>();
-  const T* in = input_rows.data_ptr<T>();
   run_parts(Phase::InputProjection, parts, [&](int64_t p) {
     const auto [begin, end] = cpu::split_range(s.rows, 1, p, parts);
-    if (s.has_bias) {
-      for (int64_t r = begin; r < end; ++r)
-        std::memcpy(out + r * width, bias.data(), width * sizeof(T));
-    }
-    strided_row_matmul<T>(end - begin, in + begin * s.input_size, s.input_size, weight_t,
-                          out + begin * width, width, s.has_bias);
+    cpu::project_rows<T>(args, weight_t, bias_data, in, out, begin, end);
   });
 }
 
-// The columns [column_begin, column_end) of every step of one direction's forward recurrence.
+// The columns [column_begin, column_end) of the steps at `positions` of one direction's forward
+// recurrence (every step: {0, T}).
 // With a column range short of H, the caller's team runs the other ranges and every thread of the
 // team calls team_barrier() once per step (the next step reads all columns of this one).
 template <typename T>
 void forward_recurrence(const LayerArgs& args, int64_t direction, const PackedMatrix<T>& weight_t,
                         const T* hx, T* output, T* h_n, int64_t column_begin, int64_t column_end,
-                        bool in_team) {
+                        bool in_team, std::array<int64_t, 2> positions) {
   const ElmanShape& s = args.shape;
   const int64_t H = s.hidden_size, D = s.directions, T_ = s.steps;
   const bool reverse = direction == 1;
@@ -197,7 +182,7 @@ void forward_recurrence(const LayerArgs& args, int64_t direction, const PackedMa
 
   std::vector<const T*> previous(s.batch);
   std::vector<T*> current(s.batch);
-  for (const auto position : c10::irange(T_)) {
+  for (int64_t position = positions[0]; position < positions[1]; ++position) {
     const int64_t t = step_of_position(position, T_, reverse, /*backward=*/false);
     const int64_t rows = layout.size(t);
     for (const auto b : c10::irange(rows)) {
@@ -263,34 +248,29 @@ template <typename T>
 void forward_typed(const LayerArgs& args, const at::Tensor& input_rows, const at::Tensor& hx,
                    at::Tensor& output, at::Tensor& h_n) {
   const ElmanShape& s = args.shape;
-  const int64_t H = s.hidden_size;
   at::Tensor output_rows = output.view({s.rows, s.output_width()});
   project_inputs<T>(args, input_rows, output_rows);
   cpu::PhaseTimer timer(Phase::ForwardRecurrence);
-  std::vector<at::Tensor> weights_hh(s.directions);
-  std::vector<PackedMatrix<T>> packed(s.directions);  // element (k, j) = W_hh[j, k]
-  for (const auto d : c10::irange(s.directions)) {
-    weights_hh[d] = args.directions[d].weight_hh.contiguous();
-    cpu::pack_matrix(packed[d], weights_hh[d].template data_ptr<T>(), H, H, /*k_stride=*/1,
-                     /*j_stride=*/H);
-  }
+  std::vector<PackedMatrix<T>> packed(s.directions);
+  for (const auto d : c10::irange(s.directions))
+    cpu::pack_recurrent_weights<T>(args, d, /*backward=*/false, packed[d]);
   run_recurrences(s, Phase::ForwardRecurrence, cpu::column_block<T>(),
                   [&](int64_t d, int64_t begin, int64_t end, bool in_team) {
                     forward_recurrence<T>(args, d, packed[d], hx.data_ptr<T>(),
                                           output.data_ptr<T>(), h_n.data_ptr<T>(), begin, end,
-                                          in_team);
+                                          in_team, {0, s.steps});
                   });
 }
 
-// The columns [column_begin, column_end) of one direction's reverse loop: this direction's
-// columns of grad_pre (dL/d pre-activation) and its grad_hx. A thread's columns of dP at a step
-// depend only on its own columns of dL/dh, so one barrier per step (before the product, which
-// reads all columns of dP) is enough.
+// The columns [column_begin, column_end) of the positions `positions` of one direction's reverse
+// loop (all of it: {0, T}): this direction's columns of grad_pre (dL/d pre-activation) and its
+// grad_hx. A thread's columns of dP at a step depend only on its own columns of dL/dh, so one
+// barrier per step (before the product, which reads all columns of dP) is enough.
 template <typename T>
 void backward_recurrence(const LayerArgs& args, int64_t direction, const PackedMatrix<T>& weight,
                          const T* grad_output, const T* grad_h_n, const T* output, T* grad_pre,
                          T* grad_hx, T* carry, int64_t column_begin, int64_t column_end,
-                         bool in_team) {
+                         bool in_team, std::array<int64_t, 2> positions) {
   const ElmanShape& s = args.shape;
   const int64_t H = s.hidden_size, D = s.directions, T_ = s.steps;
   const bool reverse = direction == 1;
@@ -301,7 +281,7 @@ void backward_recurrence(const LayerArgs& args, int64_t direction, const PackedM
 
   std::vector<const T*> grad_rows(s.batch);
   std::vector<T*> targets(s.batch);
-  for (const auto position : c10::irange(T_)) {
+  for (int64_t position = positions[0]; position < positions[1]; ++position) {
     const int64_t t = step_of_position(position, T_, reverse, /*backward=*/true);
     const int64_t rows = layout.size(t);
     for (const auto b : c10::irange(rows)) {
@@ -331,29 +311,21 @@ template <typename T>
 at::Tensor input_gradient(const LayerArgs& args, const at::Tensor& grad_pre) {
   cpu::PhaseTimer timer(Phase::InputGradient);
   const ElmanShape& s = args.shape;
-  const int64_t width = s.output_width();
-  const at::Tensor stacked = stacked_input_weights(args);  // [D*H, I]
   at::Tensor grad_input = at::empty({s.rows, s.input_size}, grad_pre.options());
-  const int64_t macs = s.rows * width * s.input_size;
-  if (macs < kBlasWorkThreshold) {
-    cpu::mark_worker(Phase::InputGradient, 0);
-    PackedMatrix<T> packed;
-    cpu::pack_matrix(packed, stacked.data_ptr<T>(), width, s.input_size,
-                     /*k_stride=*/s.input_size, /*j_stride=*/1);
-    strided_row_matmul<T>(s.rows, grad_pre.data_ptr<T>(), width, packed, grad_input.data_ptr<T>(),
-                          s.input_size, /*accumulate=*/false);
-    return grad_input;
-  }
   PackedMatrix<T> packed;  // packed once for every part
-  cpu::pack_matrix(packed, stacked.data_ptr<T>(), width, s.input_size,
-                   /*k_stride=*/s.input_size, /*j_stride=*/1);
-  const int64_t parts = product_parts(macs, s.rows);
+  cpu::pack_input_gradient_weights<T>(args, packed);
   const T* dp = grad_pre.data_ptr<T>();
   T* out = grad_input.data_ptr<T>();
+  const int64_t macs = s.rows * s.output_width() * s.input_size;
+  if (macs < kBlasWorkThreshold) {
+    cpu::mark_worker(Phase::InputGradient, 0);
+    cpu::input_gradient_rows<T>(args, packed, dp, out, 0, s.rows);
+    return grad_input;
+  }
+  const int64_t parts = product_parts(macs, s.rows);
   run_parts(Phase::InputGradient, parts, [&](int64_t p) {
     const auto [begin, end] = cpu::split_range(s.rows, 1, p, parts);
-    strided_row_matmul<T>(end - begin, dp + begin * width, width, packed,
-                          out + begin * s.input_size, s.input_size, /*accumulate=*/false);
+    cpu::input_gradient_rows<T>(args, packed, dp, out, begin, end);
   });
   return grad_input;
 }
@@ -556,14 +528,11 @@ BackwardResult elman_backward_cpu(const at::Tensor& grad_output, const at::Tenso
       {
         cpu::PhaseTimer timer(Phase::BackwardRecurrence);
         const int64_t H = s.hidden_size;
-        std::vector<at::Tensor> weights_hh(s.directions);
-        std::vector<PackedMatrix<T>> packed(s.directions);  // element (j, k) = W_hh[j, k]
+        std::vector<PackedMatrix<T>> packed(s.directions);
         // dL/dh of the step being processed, per direction (the directions may run side by side).
         std::vector<std::vector<T>> carry(s.directions);
         for (const auto d : c10::irange(s.directions)) {
-          weights_hh[d] = args.directions[d].weight_hh.contiguous();
-          cpu::pack_matrix(packed[d], weights_hh[d].template data_ptr<T>(), H, H, /*k_stride=*/H,
-                           /*j_stride=*/1);
+          cpu::pack_recurrent_weights<T>(args, d, /*backward=*/true, packed[d]);
           carry[d].assign(s.batch * H, T(0));
         }
         run_recurrences(s, Phase::BackwardRecurrence, cpu::column_block<T>(),
@@ -571,7 +540,8 @@ BackwardResult elman_backward_cpu(const at::Tensor& grad_output, const at::Tenso
                           backward_recurrence<T>(args, d, packed[d], grad_output_c.data_ptr<T>(),
                                                  grad_h_n_c.data_ptr<T>(), output_c.data_ptr<T>(),
                                                  grad_pre.data_ptr<T>(), grad_hx.data_ptr<T>(),
-                                                 carry[d].data(), begin, end, in_team);
+                                                 carry[d].data(), begin, end, in_team,
+                                                 {0, s.steps});
                         });
       }
       if (output_mask[0]) grad_input = input_gradient<T>(args, grad_pre);
@@ -584,6 +554,101 @@ BackwardResult elman_backward_cpu(const at::Tensor& grad_output, const at::Tenso
 }
 
 }  // namespace
+
+namespace cpu {
+
+template <typename T>
+std::vector<T> pack_input_weights(const LayerArgs& args, PackedMatrix<T>& weight_t) {
+  const ElmanShape& s = args.shape;
+  const at::Tensor weight = stacked_input_weights(args);
+  pack_matrix(weight_t, weight.data_ptr<T>(), s.input_size, s.output_width(), /*k_stride=*/1,
+              /*j_stride=*/s.input_size);
+  return summed_biases<T>(args);
+}
+
+template <typename T>
+void project_rows(const LayerArgs& args, const PackedMatrix<T>& weight_t, const T* bias,
+                  const T* in, T* out, int64_t row_begin, int64_t row_end) {
+  const int64_t input_size = args.shape.input_size, width = args.shape.output_width();
+  if (bias != nullptr) {
+    for (int64_t r = row_begin; r < row_end; ++r)
+      std::memcpy(out + r * width, bias, width * sizeof(T));
+  }
+  strided_row_matmul<T>(row_end - row_begin, in + row_begin * input_size, input_size, weight_t,
+                        out + row_begin * width, width, /*accumulate=*/bias != nullptr);
+}
+
+template <typename T>
+void pack_input_gradient_weights(const LayerArgs& args, PackedMatrix<T>& weight) {
+  const ElmanShape& s = args.shape;
+  const at::Tensor stacked = stacked_input_weights(args);  // [D*H, I]
+  pack_matrix(weight, stacked.data_ptr<T>(), s.output_width(), s.input_size,
+              /*k_stride=*/s.input_size, /*j_stride=*/1);
+}
+
+template <typename T>
+void input_gradient_rows(const LayerArgs& args, const PackedMatrix<T>& weight, const T* grad_pre,
+                         T* grad_input, int64_t row_begin, int64_t row_end) {
+  const int64_t input_size = args.shape.input_size, width = args.shape.output_width();
+  strided_row_matmul<T>(row_end - row_begin, grad_pre + row_begin * width, width, weight,
+                        grad_input + row_begin * input_size, input_size, /*accumulate=*/false);
+}
+
+template <typename T>
+void pack_recurrent_weights(const LayerArgs& args, int64_t direction, bool backward,
+                            PackedMatrix<T>& weight) {
+  const int64_t H = args.shape.hidden_size;
+  const at::Tensor w = args.directions[direction].weight_hh.contiguous();
+  pack_matrix(weight, w.data_ptr<T>(), H, H, /*k_stride=*/backward ? H : 1,
+              /*j_stride=*/backward ? 1 : H);
+}
+
+template <typename T>
+void forward_steps(const LayerArgs& args, int64_t direction, const PackedMatrix<T>& weight_t,
+                   const T* hx, T* output, T* h_n, std::array<int64_t, 2> positions) {
+  forward_recurrence<T>(args, direction, weight_t, hx, output, h_n, 0, args.shape.hidden_size,
+                        /*in_team=*/false, positions);
+}
+
+template <typename T>
+void backward_steps(const LayerArgs& args, int64_t direction, const PackedMatrix<T>& weight,
+                    const T* grad_output, const T* grad_h_n, const T* output, T* grad_pre,
+                    T* grad_hx, T* carry, std::array<int64_t, 2> positions) {
+  backward_recurrence<T>(args, direction, weight, grad_output, grad_h_n, output, grad_pre, grad_hx,
+                         carry, 0, args.shape.hidden_size, /*in_team=*/false, positions);
+}
+
+template <typename T>
+std::vector<DirectionGradients> layer_weight_gradients(const LayerArgs& args,
+                                                       const at::Tensor& grad_pre,
+                                                       const at::Tensor& input_rows,
+                                                       const at::Tensor& hx,
+                                                       const at::Tensor& output_rows) {
+  return weight_gradients<T>(args, grad_pre, input_rows, hx, output_rows);
+}
+
+bool layer_splits_steps(const ElmanShape& shape) { return splits_steps(shape); }
+
+#define RNN_EXT_LAYER_PIECES(T)                                                                   \
+  template std::vector<T> pack_input_weights<T>(const LayerArgs&, PackedMatrix<T>&);              \
+  template void project_rows<T>(const LayerArgs&, const PackedMatrix<T>&, const T*, const T*, T*, \
+                                int64_t, int64_t);                                                \
+  template void pack_input_gradient_weights<T>(const LayerArgs&, PackedMatrix<T>&);               \
+  template void input_gradient_rows<T>(const LayerArgs&, const PackedMatrix<T>&, const T*, T*,    \
+                                       int64_t, int64_t);                                         \
+  template void pack_recurrent_weights<T>(const LayerArgs&, int64_t, bool, PackedMatrix<T>&);     \
+  template void forward_steps<T>(const LayerArgs&, int64_t, const PackedMatrix<T>&, const T*, T*, \
+                                 T*, std::array<int64_t, 2>);                                     \
+  template void backward_steps<T>(const LayerArgs&, int64_t, const PackedMatrix<T>&, const T*,    \
+                                  const T*, const T*, T*, T*, T*, std::array<int64_t, 2>);        \
+  template std::vector<DirectionGradients> layer_weight_gradients<T>(                             \
+      const LayerArgs&, const at::Tensor&, const at::Tensor&, const at::Tensor&,                  \
+      const at::Tensor&);
+RNN_EXT_LAYER_PIECES(float)
+RNN_EXT_LAYER_PIECES(double)
+#undef RNN_EXT_LAYER_PIECES
+
+}  // namespace cpu
 
 TORCH_LIBRARY_IMPL(rnn_ext, CPU, m) {
   m.impl("elman_forward", &elman_forward_cpu);
