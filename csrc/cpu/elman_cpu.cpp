@@ -178,7 +178,6 @@ void forward_recurrence(const LayerArgs& args, int64_t direction, const PackedMa
   const StepLayout layout = step_layout(args);
   const T* h0 = hx + state_index(direction, 0, 0, s.batch, H);
   T* final_state = h_n + state_index(direction, 0, 0, s.batch, H);
-  const bool all_columns = column_begin == 0 && column_end == H;
   const int64_t columns = column_end - column_begin;
 
   std::vector<const T*> previous(s.batch);
@@ -194,14 +193,10 @@ void forward_recurrence(const LayerArgs& args, int64_t direction, const PackedMa
       current[b] = output + output_index(layout.row(t, b), direction, 0, H, D);
     }
     if (columns > 0) {
-      cpu::row_matmul<T>(rows, previous.data(), weight_t, current.data(), /*accumulate=*/true,
-                         column_begin, column_end);
-      if (D == 1 && all_columns) {
-        apply_activation(current[0], rows * H, s.activation);  // rows are adjacent
-      } else {
-        for (const auto b : c10::irange(rows))
-          apply_activation(current[b] + column_begin, columns, s.activation);
-      }
+      // h_t = activation(projection + h_{t-1} @ W_hh^T), the activation applied in the store.
+      cpu::row_matmul<T>(
+          rows, previous.data(), weight_t, current.data(), /*accumulate=*/true, column_begin,
+          column_end, s.activation == Activation::Tanh ? cpu::Epilogue::Tanh : cpu::Epilogue::Relu);
       for (const auto b : c10::irange(rows)) {
         if (layout.writes_final_state(t, b, reverse))
           std::memcpy(final_state + b * H + column_begin, current[b] + column_begin,

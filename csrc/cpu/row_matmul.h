@@ -49,14 +49,21 @@ void pack_matrix(PackedMatrix<T>& packed, const T* source, int64_t depth, int64_
   }
 }
 
-// c_rows[r][j] = (accumulate ? c_rows[r][j] : 0) + a_rows[r][0:depth] @ B[:, j], for r in
-// [0, rows) and j in [column_begin, min(column_end, width)). Rows are given by pointer so the
-// recurrence can mix h0 rows with output rows; a column range lets threads split one product
-// (column_begin must be a multiple of column_block<T>()). Defined for float and double in
+// What a product does to each element of C after its sum, on the register tile before the store:
+// nothing (a plain product), tanh (exactly tanh_inplace's function) or relu.
+enum class Epilogue { None, Tanh, Relu };
+
+// c_rows[r][j] = f((accumulate ? c_rows[r][j] : 0) + a_rows[r][0:depth] @ B[:, j]), f the
+// epilogue, for r in [0, rows) and j in [column_begin, min(column_end, width)). Rows are given by
+// pointer so the recurrence can mix h0 rows with output rows; a column range lets threads split
+// one product (column_begin a multiple of column_block<T>(), column_end one too or the width).
+// Each element's sum runs over k in the same order whatever rows and columns are given, so the
+// bits do not depend on how a product is cut into parts. Defined for float and double in
 // row_matmul.cpp, dispatched to the AVX-512 or AVX+FMA build when the CPU has one.
 template <typename T>
 void row_matmul(int64_t rows, const T* const* a_rows, const PackedMatrix<T>& b, T* const* c_rows,
-                bool accumulate, int64_t column_begin = 0, int64_t column_end = INT64_MAX);
+                bool accumulate, int64_t column_begin = 0, int64_t column_end = INT64_MAX,
+                Epilogue epilogue = Epilogue::None);
 
 // values[i] = tanh(values[i]) for i in [0, count).
 template <typename T>
