@@ -252,11 +252,13 @@ void forward_typed(const LayerArgs& args, const at::Tensor& input_rows, const at
   std::vector<PackedMatrix<T>> packed(s.directions);  // element (k, j) = W_hh[j, k]
   for (const auto d : c10::irange(s.directions)) {
     weights_hh[d] = args.directions[d].weight_hh.contiguous();
-    cpu::pack_matrix(packed[d], weights_hh[d].template data_ptr<T>(), H, H, /*k_stride=*/1,
-                     /*j_stride=*/H);
+    cpu::shape_packed(packed[d], H, H);
   }
   run_recurrences(s, Phase::ForwardRecurrence, cpu::column_block<T>(),
                   [&](int64_t d, int64_t begin, int64_t end, bool in_team) {
+                    // Packed by the thread whose steps read these columns' panels (only these).
+                    cpu::pack_columns(packed[d], weights_hh[d].template data_ptr<T>(),
+                                      /*k_stride=*/1, /*j_stride=*/H, begin, end);
                     forward_recurrence<T>(args, d, packed[d], hx.data_ptr<T>(),
                                           output.data_ptr<T>(), h_n.data_ptr<T>(), begin, end,
                                           in_team);
@@ -539,12 +541,14 @@ BackwardResult elman_backward_cpu(const at::Tensor& grad_output, const at::Tenso
         std::vector<std::vector<T>> carry(s.directions);
         for (const auto d : c10::irange(s.directions)) {
           weights_hh[d] = args.directions[d].weight_hh.contiguous();
-          cpu::pack_matrix(packed[d], weights_hh[d].template data_ptr<T>(), H, H, /*k_stride=*/H,
-                           /*j_stride=*/1);
+          cpu::shape_packed(packed[d], H, H);
           carry[d].assign(s.batch * H, T(0));
         }
         run_recurrences(s, Phase::BackwardRecurrence, cpu::column_block<T>(),
                         [&](int64_t d, int64_t begin, int64_t end, bool in_team) {
+                          // Packed by the thread whose steps read these columns' panels.
+                          cpu::pack_columns(packed[d], weights_hh[d].template data_ptr<T>(),
+                                            /*k_stride=*/H, /*j_stride=*/1, begin, end);
                           backward_recurrence<T>(args, d, packed[d], grad_output_c.data_ptr<T>(),
                                                  grad_h_n_c.data_ptr<T>(), output_c.data_ptr<T>(),
                                                  grad_pre.data_ptr<T>(), grad_hx.data_ptr<T>(),
