@@ -12,7 +12,8 @@
 #include <chrono>
 #include <cstdint>
 #include <exception>
-#include <thread>
+#include <condition_variable>
+#include <mutex>
 
 namespace rnn_ext {
 namespace cpu {
@@ -74,10 +75,11 @@ inline int available_threads() {
 // A barrier for the threads of one team: an arrival counter and a generation number, each on its
 // own cache line. The last thread to arrive resets the counter and publishes the next generation
 // (release); the others spin on the generation line (acquire) with a pause in the loop, so a
-// barrier costs about one cache-line transfer per thread. Past kSpinsBeforeYield turns a waiting
-// thread yields its core between checks: on a machine with more runnable threads than cores the
-// thread it waits for may need that core. Every thread of the team must call wait() the same
-// number of times (as with an OpenMP barrier); none throws.
+// barrier costs about one cache-line round trip. A thread still waiting after kSpins turns sleeps
+// on a condition variable instead, which the last thread signals only when someone sleeps: on a
+// machine with more runnable threads than cores, spinning (or yielding, which hands the core to
+// another process for a whole time slice) would hold up the teammate it waits for. Every thread
+// of the team must call wait() the same number of times (as with an OpenMP barrier); none throws.
 class SpinBarrier {
  public:
   void set_size(int size) { size_.store(size, std::memory_order_relaxed); }
@@ -87,24 +89,30 @@ class SpinBarrier {
     const uint32_t generation = generation_.load(std::memory_order_acquire);
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 ==
         size_.load(std::memory_order_relaxed)) {
-      arrived_.store(0, std::memory_order_relaxed);  // ordered before the release below
-      generation_.store(generation + 1, std::memory_order_release);
+      arrived_.store(0, std::memory_order_relaxed);  // ordered before the store below
+      // seq_cst with the load of sleepers_, against a waiter's increment and then load of the
+      // generation: one of the two sides sees the other's store, so no waiter sleeps through.
+      generation_.store(generation + 1, std::memory_order_seq_cst);
+      if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        wake_.notify_all();
+      }
       return;
     }
-    for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
-      if (spins < kSpinsBeforeYield) {
-        pause();
-      } else {
-        std::this_thread::yield();
-      }
+    for (int spins = 0; spins < kSpins; ++spins) {
+      if (generation_.load(std::memory_order_acquire) != generation) return;
+      pause();
     }
+    std::unique_lock<std::mutex> lock(mutex_);
+    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    wake_.wait(lock, [&] { return generation_.load(std::memory_order_seq_cst) != generation; });
+    sleepers_.fetch_sub(1, std::memory_order_relaxed);
   }
 
  private:
-  // A pause takes 30-100 ns on recent x86 cores: a few to 25 us of spinning, longer than two
-  // threads of one step drift apart on a quiet machine, short enough not to burn a time slice
-  // that a descheduled teammate needs.
-  static constexpr int kSpinsBeforeYield = 256;
+  // A pause takes 25-100 ns on recent x86 cores: 50-200 us of spinning, much longer than two
+  // threads of one step drift apart on a quiet machine.
+  static constexpr int kSpins = 1 << 11;
 
   static void pause() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -115,6 +123,9 @@ class SpinBarrier {
   alignas(64) std::atomic<int> arrived_{0};
   alignas(64) std::atomic<uint32_t> generation_{0};
   alignas(64) std::atomic<int> size_{1};
+  std::atomic<int> sleepers_{0};
+  std::mutex mutex_;
+  std::condition_variable wake_;
 };
 
 // The barrier of the team the calling thread runs in (set by run_team), or null.
