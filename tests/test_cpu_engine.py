@@ -189,3 +189,50 @@ def test_a_smaller_team_than_asked_for_still_computes_every_direction():
         [sys.executable, "-c", _SMALL_TEAM_PROBE], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("batch", [64, 20, 13, 3])
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(threads, batch, nonlinearity):
+    """The recurrence kernel cuts a step's rows into register blocks by the batch size (and gives one
+    to three rows wider column strips): each sample of a batch must get the same float32 bits as the
+    sample run alone, whatever block its row falls in, on one thread and on two (where the larger
+    batches' steps are split by columns). The width ends inside a column panel."""
+    torch.manual_seed(batch)
+    module = rnn_ext.RNN(1, 200, nonlinearity=nonlinearity)
+    # Few enough multiply-adds that the input projection also runs on the packed kernel.
+    x = torch.randn(4, batch, 1)
+    h0 = torch.randn(1, batch, 200)
+    for thread_count in (1, 2):
+        threads(thread_count)
+        with torch.no_grad():
+            output, h_n = module(x, h0)
+            for b in range(batch):
+                alone, alone_h_n = module(x[:, b : b + 1], h0[:, b : b + 1])
+                assert torch.equal(output[:, b : b + 1], alone), (thread_count, b)
+                assert torch.equal(h_n[:, b : b + 1], alone_h_n), (thread_count, b)
+
+
+@pytest.mark.parametrize("batch", [1, 8, 16, 20, 32, 64])
+def test_common_batch_sizes_match_the_float64_reference(threads, batch):
+    """float32 on the kernels at the batch sizes people use, forward and backward, against nn.RNN in
+    float64, with the same bits on one thread and on two."""
+    torch.manual_seed(batch)
+    reference = nn.RNN(24, 272, 2, dtype=torch.float64)
+    candidate = rnn_ext.RNN(24, 272, 2)
+    candidate.load_state_dict({k: v.float() for k, v in reference.state_dict().items()})
+    x = torch.randn(6, batch, 24, dtype=torch.float64)
+    h0 = torch.randn(2, batch, 272, dtype=torch.float64)
+    want, want_h_n = reference(x, h0)
+    want_grads = torch.autograd.grad(want.square().sum() + want_h_n.sum(), list(reference.parameters()))
+    runs = []
+    for thread_count in (1, 2):
+        threads(thread_count)
+        got, got_h_n = candidate(x.float(), h0.float())
+        grads = torch.autograd.grad(got.square().sum() + got_h_n.sum(), list(candidate.parameters()))
+        runs.append((got, got_h_n, *grads))
+    for one, two in zip(*runs):
+        assert torch.equal(one, two)
+    for got, wanted in zip(runs[0], (want, want_h_n, *want_grads)):
+        scale = wanted.abs().max().item()
+        assert (got.double() - wanted).abs().max().item() <= 2e-5 * max(scale, 1.0)

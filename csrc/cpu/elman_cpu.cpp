@@ -104,15 +104,6 @@ void strided_row_matmul(int64_t rows, const T* a, int64_t a_stride, const Packed
   cpu::row_matmul<T>(rows, a_rows.data(), b, c_rows.data(), accumulate);
 }
 
-template <typename T>
-void apply_activation(T* values, int64_t count, Activation activation) {
-  if (activation == Activation::Tanh) {
-    cpu::tanh_inplace(values, count);
-  } else {
-    for (int64_t i = 0; i < count; ++i) values[i] = activate(values[i], Activation::Relu);
-  }
-}
-
 // W_ih of every direction stacked [D*H, I] (the weight itself for one direction).
 at::Tensor stacked_input_weights(const LayerArgs& args) {
   if (args.directions.size() == 1) return args.directions[0].weight_ih.contiguous();
@@ -177,7 +168,6 @@ void forward_recurrence(const LayerArgs& args, int64_t direction, const PackedMa
   const StepLayout layout = step_layout(args);
   const T* h0 = hx + state_index(direction, 0, 0, s.batch, H);
   T* final_state = h_n + state_index(direction, 0, 0, s.batch, H);
-  const bool all_columns = column_begin == 0 && column_end == H;
   const int64_t columns = column_end - column_begin;
 
   std::vector<const T*> previous(s.batch);
@@ -193,14 +183,10 @@ void forward_recurrence(const LayerArgs& args, int64_t direction, const PackedMa
       current[b] = output + output_index(layout.row(t, b), direction, 0, H, D);
     }
     if (columns > 0) {
-      cpu::row_matmul<T>(rows, previous.data(), weight_t, current.data(), /*accumulate=*/true,
-                         column_begin, column_end);
-      if (D == 1 && all_columns) {
-        apply_activation(current[0], rows * H, s.activation);  // rows are adjacent
-      } else {
-        for (const auto b : c10::irange(rows))
-          apply_activation(current[b] + column_begin, columns, s.activation);
-      }
+      // h_t = activation(projection + h_{t-1} @ W_hh^T), the activation applied in the store.
+      cpu::row_matmul<T>(
+          rows, previous.data(), weight_t, current.data(), /*accumulate=*/true, column_begin,
+          column_end, s.activation == Activation::Tanh ? cpu::Epilogue::Tanh : cpu::Epilogue::Relu);
       for (const auto b : c10::irange(rows)) {
         if (layout.writes_final_state(t, b, reverse))
           std::memcpy(final_state + b * H + column_begin, current[b] + column_begin,
@@ -251,11 +237,18 @@ void forward_typed(const LayerArgs& args, const at::Tensor& input_rows, const at
   at::Tensor output_rows = output.view({s.rows, s.output_width()});
   project_inputs<T>(args, input_rows, output_rows);
   cpu::PhaseTimer timer(Phase::ForwardRecurrence);
-  std::vector<PackedMatrix<T>> packed(s.directions);
-  for (const auto d : c10::irange(s.directions))
-    cpu::pack_recurrent_weights<T>(args, d, /*backward=*/false, packed[d]);
+  const int64_t H = s.hidden_size;
+  std::vector<at::Tensor> weights_hh(s.directions);
+  std::vector<PackedMatrix<T>> packed(s.directions);  // element (k, j) = W_hh[j, k]
+  for (const auto d : c10::irange(s.directions)) {
+    weights_hh[d] = args.directions[d].weight_hh.contiguous();
+    cpu::shape_packed(packed[d], H, H);
+  }
   run_recurrences(s, Phase::ForwardRecurrence, cpu::column_block<T>(),
                   [&](int64_t d, int64_t begin, int64_t end, bool in_team) {
+                    // Packed by the thread whose steps read these columns' panels (only these).
+                    cpu::pack_columns(packed[d], weights_hh[d].template data_ptr<T>(),
+                                      /*k_stride=*/1, /*j_stride=*/H, begin, end);
                     forward_recurrence<T>(args, d, packed[d], hx.data_ptr<T>(),
                                           output.data_ptr<T>(), h_n.data_ptr<T>(), begin, end,
                                           in_team, {0, s.steps});
@@ -528,15 +521,20 @@ BackwardResult elman_backward_cpu(const at::Tensor& grad_output, const at::Tenso
       {
         cpu::PhaseTimer timer(Phase::BackwardRecurrence);
         const int64_t H = s.hidden_size;
-        std::vector<PackedMatrix<T>> packed(s.directions);
+        std::vector<at::Tensor> weights_hh(s.directions);
+        std::vector<PackedMatrix<T>> packed(s.directions);  // element (j, k) = W_hh[j, k]
         // dL/dh of the step being processed, per direction (the directions may run side by side).
         std::vector<std::vector<T>> carry(s.directions);
         for (const auto d : c10::irange(s.directions)) {
-          cpu::pack_recurrent_weights<T>(args, d, /*backward=*/true, packed[d]);
+          weights_hh[d] = args.directions[d].weight_hh.contiguous();
+          cpu::shape_packed(packed[d], H, H);
           carry[d].assign(s.batch * H, T(0));
         }
         run_recurrences(s, Phase::BackwardRecurrence, cpu::column_block<T>(),
                         [&](int64_t d, int64_t begin, int64_t end, bool in_team) {
+                          // Packed by the thread whose steps read these columns' panels.
+                          cpu::pack_columns(packed[d], weights_hh[d].template data_ptr<T>(),
+                                            /*k_stride=*/H, /*j_stride=*/1, begin, end);
                           backward_recurrence<T>(args, d, packed[d], grad_output_c.data_ptr<T>(),
                                                  grad_h_n_c.data_ptr<T>(), output_c.data_ptr<T>(),
                                                  grad_pre.data_ptr<T>(), grad_hx.data_ptr<T>(),

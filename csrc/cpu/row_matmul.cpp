@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #define RNN_EXT_INLINE inline __attribute__((always_inline))
 
@@ -35,25 +36,81 @@ RNN_EXT_INLINE void store(T* p, vec_t<T, BYTES> v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// tanh for a vector of 8 or 16 floats (the same arithmetic on every lane whatever the width): an
+// odd polynomial near zero, 1 - 2 / (exp(2|x|) + 1) elsewhere (the split of the classic Cephes
+// tanhf, whose coefficients these are); both branches computed, then selected.
+template <int BYTES = 32>
+RNN_EXT_INLINE vec_t<float, BYTES> tanh_vector(vec_t<float, BYTES> x) {
+  using ivec = vec_t<int32_t, BYTES>;
+  using F = vec_t<float, BYTES>;
+  const ivec sign_mask = ivec{} + static_cast<int32_t>(0x80000000u);
+  const F ax = (F)((ivec)x & ~sign_mask);
+
+  const F z = x * x;
+  F small = F{} - 5.70498872745e-3f;
+  small = small * z + 2.06390887954e-2f;
+  small = small * z - 5.37397155531e-2f;
+  small = small * z + 1.33314422036e-1f;
+  small = small * z - 3.33332819422e-1f;
+  small = small * z * x + x;
+
+  // exp(y) for y = 2|x|, clamped where tanh is 1 in float anyway: y = n ln2 + r, |r| <= ln2 / 2.
+  F y = 2.0f * ax;
+  y = y > 20.0f ? F{} + 20.0f : y;  // written so that NaN stays NaN
+  const F n =
+      __builtin_convertvector(__builtin_convertvector(y * 1.44269504088896341f + 0.5f, ivec), F);
+  F r = y - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  const F r2 = r * r;
+  F p = F{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  const ivec exponent = (__builtin_convertvector(n, ivec) + 127) << 23;
+  const F e = p * (F)exponent;
+  F large = 1.0f - 2.0f / (e + 1.0f);
+  large = (F)((ivec)large | ((ivec)x & sign_mask));
+  return ax < 0.625f ? small : large;
+}
+
+// The epilogue applied to a finished vector of C: tanh as tanh_inplace computes it (the same
+// function, so the same bits as a separate pass), relu written so that NaN stays NaN.
+template <typename T, int BYTES>
+RNN_EXT_INLINE vec_t<T, BYTES> finish_vector(vec_t<T, BYTES> x, Epilogue epilogue) {
+  if (epilogue == Epilogue::None) return x;
+  if (epilogue == Epilogue::Relu) return x < T(0) ? vec_t<T, BYTES>{} : x;
+  if constexpr (std::is_same_v<T, float>) {
+    return tanh_vector<BYTES>(x);
+  } else {
+    // float64 is the reference-precision path: exact libm tanh, as tanh_inplace<double>.
+    for (int64_t i = 0; i < Vector<T, BYTES>::lanes; ++i) x[i] = std::tanh(x[i]);
+    return x;
+  }
+}
+
 // ROWS rows times VECTORS vectors of columns of B over depth [k_begin, k_end): ROWS * VECTORS
-// accumulators stay in registers; the result is added to C or replaces it. With 32-byte vectors
-// the two vectors are the two halves of one column panel; with 64-byte vectors a vector is a whole
-// panel, so vector v reads the panel v places further on.
+// accumulators stay in registers; the result is added to C or replaces it, and with `finish` (the
+// last depth slice) the epilogue is applied to the register tile before it is stored. Vector v
+// holds `lanes` columns starting v * lanes columns into the strip: with 32-byte vectors two
+// vectors make one column panel, with 64-byte vectors a vector is a whole panel.
 template <typename T, int ROWS, int BYTES, int VECTORS>
 RNN_EXT_INLINE void block_kernel(const T* const* a, const T* panel, int64_t depth, int64_t k_begin,
                                  int64_t k_end, T* const* c, int64_t column, int64_t width,
-                                 bool accumulate) {
+                                 bool accumulate, Epilogue epilogue) {
   using V = vec_t<T, BYTES>;
   constexpr int64_t lanes = Vector<T, BYTES>::lanes;
   constexpr int64_t block = column_block<T>();
-  const int64_t vector_step = lanes == block ? depth * block : lanes;
   V acc[ROWS][VECTORS];
   for (int r = 0; r < ROWS; ++r)
     for (int v = 0; v < VECTORS; ++v) acc[r][v] = V{};
   const T* bk = panel + k_begin * block;
   for (int64_t k = k_begin; k < k_end; ++k, bk += block) {
     V bv[VECTORS];
-    for (int v = 0; v < VECTORS; ++v) bv[v] = load<T, BYTES>(bk + v * vector_step);
+    for (int v = 0; v < VECTORS; ++v)
+      bv[v] = load<T, BYTES>(bk + v * lanes / block * depth * block + v * lanes % block);
     for (int r = 0; r < ROWS; ++r) {
       // vector * scalar: the compiler broadcasts straight from memory (vbroadcastss with AVX);
       // building the vector by hand costs a shuffle or an insert per lane.
@@ -68,117 +125,107 @@ RNN_EXT_INLINE void block_kernel(const T* const* a, const T* panel, int64_t dept
     if (valid == columns) {
       for (int v = 0; v < VECTORS; ++v) {
         if (accumulate) acc[r][v] += load<T, BYTES>(out + v * lanes);
-        store<T, BYTES>(out + v * lanes, acc[r][v]);
+        store<T, BYTES>(out + v * lanes, finish_vector<T, BYTES>(acc[r][v], epilogue));
       }
     } else {
       T tail[columns];
       for (int v = 0; v < VECTORS; ++v) store<T, BYTES>(tail + v * lanes, acc[r][v]);
-      for (int64_t j = 0; j < valid; ++j) out[j] = accumulate ? out[j] + tail[j] : tail[j];
+      if (accumulate)
+        for (int64_t j = 0; j < valid; ++j) tail[j] += out[j];
+      for (int v = 0; v < VECTORS; ++v)
+        store<T, BYTES>(tail + v * lanes,
+                        finish_vector<T, BYTES>(load<T, BYTES>(tail + v * lanes), epilogue));
+      std::memcpy(out, tail, valid * sizeof(T));
     }
   }
 }
 
-// Rows [r, chunk_end) of one column strip, ROW_BLOCK rows at a time, then the remainder in
-// blocks of 4, 2 and 1 rows (each row's arithmetic is the same whatever block it falls in).
-template <typename T, int BYTES, int VECTORS, int ROW_BLOCK>
-RNN_EXT_INLINE void strip(const T* const* a_rows, const T* panel, int64_t depth, int64_t k0,
-                          int64_t k1, T* const* c_rows, int64_t column, int64_t width, bool add,
-                          int64_t r, int64_t chunk_end) {
-  for (; r + ROW_BLOCK <= chunk_end; r += ROW_BLOCK)
-    block_kernel<T, ROW_BLOCK, BYTES, VECTORS>(a_rows + r, panel, depth, k0, k1, c_rows + r, column,
-                                               width, add);
-  if (ROW_BLOCK > 8 && chunk_end - r >= 8) {
-    block_kernel<T, 8, BYTES, VECTORS>(a_rows + r, panel, depth, k0, k1, c_rows + r, column, width,
-                                       add);
-    r += 8;
+// block_kernel for a block of `rows` rows, 1 <= rows <= MAX_ROWS, chosen at run time.
+template <typename T, int BYTES, int VECTORS, int MAX_ROWS>
+RNN_EXT_INLINE void block_of_rows(int64_t rows, const T* const* a, const T* panel, int64_t depth,
+                                  int64_t k_begin, int64_t k_end, T* const* c, int64_t column,
+                                  int64_t width, bool accumulate, Epilogue epilogue) {
+  if constexpr (MAX_ROWS > 1) {
+    if (rows < MAX_ROWS)
+      return block_of_rows<T, BYTES, VECTORS, MAX_ROWS - 1>(rows, a, panel, depth, k_begin, k_end,
+                                                            c, column, width, accumulate, epilogue);
   }
-  if (chunk_end - r >= 4) {
-    block_kernel<T, 4, BYTES, VECTORS>(a_rows + r, panel, depth, k0, k1, c_rows + r, column, width,
-                                       add);
-    r += 4;
+  block_kernel<T, MAX_ROWS, BYTES, VECTORS>(a, panel, depth, k_begin, k_end, c, column, width,
+                                            accumulate, epilogue);
+}
+
+// The row blocks of one column strip: `rows` rows cut into the fewest blocks of at most
+// MAX_ROWS, as even as possible (sizes differ by at most one; the larger ones first), so that no
+// batch size falls to a narrow tail block (64 rows: 6 blocks of 11 or 10, not 5 of 12 and one of
+// 4). A fixed function of `rows`; each row's arithmetic is the same whatever block it falls in.
+template <typename T, int BYTES, int VECTORS, int MAX_ROWS>
+RNN_EXT_INLINE void strip(int64_t rows, const T* const* a_rows, const T* panel, int64_t depth,
+                          int64_t k0, int64_t k1, T* const* c_rows, int64_t column, int64_t width,
+                          bool add, Epilogue epilogue) {
+  const int64_t blocks = (rows + MAX_ROWS - 1) / MAX_ROWS;
+  const int64_t size = rows / blocks, larger = rows % blocks;
+  int64_t r = 0;
+  for (int64_t i = 0; i < blocks; ++i) {
+    const int64_t n = size + (i < larger ? 1 : 0);
+    block_of_rows<T, BYTES, VECTORS, MAX_ROWS>(n, a_rows + r, panel, depth, k0, k1, c_rows + r,
+                                               column, width, add, epilogue);
+    r += n;
   }
-  if (chunk_end - r >= 2) {
-    block_kernel<T, 2, BYTES, VECTORS>(a_rows + r, panel, depth, k0, k1, c_rows + r, column, width,
-                                       add);
-    r += 2;
-  }
-  if (chunk_end - r == 1)
-    block_kernel<T, 1, BYTES, VECTORS>(a_rows + r, panel, depth, k0, k1, c_rows + r, column, width,
-                                       add);
 }
 
 template <typename T, int BYTES>
 RNN_EXT_INLINE void row_matmul_body(int64_t rows, const T* const* a_rows, const PackedMatrix<T>& b,
                                     T* const* c_rows, bool accumulate, int64_t column_begin,
-                                    int64_t column_end) {
+                                    int64_t column_end, Epilogue epilogue) {
   // Cache blocking, outermost first: a depth slice (256), then a chunk of rows whose A block
-  // (60 x 256) stays in L2, then one column strip whose depth slice (256 x 16 per panel,
+  // (at most 60 x 256) stays in L2, then one column strip whose depth slice (256 x 16 per panel,
   // contiguous) stays in L1 while the chunk's rows stream past it. Depth slices after the first
-  // accumulate into C, so a long reduction never streams A or B more than once.
+  // accumulate into C, so a long reduction never streams A or B more than once; the epilogue
+  // runs on the last.
   constexpr int64_t kRowChunk = 60;
   constexpr int64_t kDepthChunk = 256;
   constexpr int64_t block = column_block<T>();
   constexpr int64_t lanes = Vector<T, BYTES>::lanes;
-  // Accumulators: 6 rows x 2 vectors = 12 of the 16 AVX registers (with the 2 B vectors and a
-  // broadcast); 12 rows x 2 vectors = 24 of AVX-512's 32. Enough independent FMAs in flight to
-  // cover the FMA latency on two pipes.
-  constexpr int64_t kRowBlock = BYTES == 64 ? 12 : 6;
-  constexpr int64_t strip_columns = 2 * lanes;
+  constexpr int64_t vectors_per_panel = block / lanes;
+  // Accumulators: at most 12 of the 16 AVX registers, 24 of AVX-512's 32 (with the B vectors and
+  // a broadcast beside them): enough independent FMAs in flight to cover the FMA latency. A strip
+  // is two panels wide and takes blocks of up to 12 rows (AVX-512) or 6 (AVX); a batch of at most
+  // 3 rows (AVX-512) or 1 row (AVX) gets strips four vectors wide instead, so that even one row
+  // has four independent accumulator chains.
+  constexpr int kAccumulators = BYTES == 64 ? 24 : 12;
+  constexpr int kWideVectors = 4;
+  constexpr int64_t kWideRows = BYTES == 64 ? 3 : 1;
+  const int64_t chunks = (rows + kRowChunk - 1) / kRowChunk;
   for (int64_t k0 = 0; k0 < std::max<int64_t>(b.depth, 1); k0 += kDepthChunk) {
     const int64_t k1 = std::min(b.depth, k0 + kDepthChunk);
     const bool add = accumulate || k0 > 0;
-    for (int64_t chunk = 0; chunk < rows; chunk += kRowChunk) {
-      const int64_t chunk_end = std::min(rows, chunk + kRowChunk);
-      for (int64_t column = column_begin; column < column_end; column += strip_columns) {
+    const Epilogue finish = k1 == b.depth ? epilogue : Epilogue::None;
+    for (int64_t i = 0; i < chunks; ++i) {
+      // Chunks as even as the blocks inside them: 64 rows are two chunks of 32.
+      const int64_t chunk = rows * i / chunks, chunk_rows = rows * (i + 1) / chunks - chunk;
+      const T* const* a = a_rows + chunk;
+      T* const* c = c_rows + chunk;
+      const int64_t end_panel = (column_end + block - 1) / block;
+      for (int64_t column = column_begin; column < column_end;) {
         const T* panel = b.data.data() + column * b.depth;
-        // A 64-byte strip spans two panels; the second may not exist at the matrix's end.
-        if (lanes == block && column + block >= b.padded_width) {
-          strip<T, BYTES, 1, kRowBlock>(a_rows, panel, b.depth, k0, k1, c_rows, column, b.width,
-                                        add, chunk, chunk_end);
+        const int64_t panels = end_panel - column / block;
+        if (chunk_rows <= kWideRows && panels * vectors_per_panel >= kWideVectors) {
+          strip<T, BYTES, kWideVectors, static_cast<int>(kWideRows)>(
+              chunk_rows, a, panel, b.depth, k0, k1, c, column, b.width, add, finish);
+          column += kWideVectors * lanes;
+        } else if (vectors_per_panel == 1 && panels == 1) {
+          // A 64-byte strip spans two panels; the second may not exist at the range's end.
+          strip<T, BYTES, 1, kAccumulators / 2>(chunk_rows, a, panel, b.depth, k0, k1, c, column,
+                                                b.width, add, finish);
+          column += lanes;
         } else {
-          strip<T, BYTES, 2, kRowBlock>(a_rows, panel, b.depth, k0, k1, c_rows, column, b.width,
-                                        add, chunk, chunk_end);
+          strip<T, BYTES, 2, kAccumulators / 2>(chunk_rows, a, panel, b.depth, k0, k1, c, column,
+                                                b.width, add, finish);
+          column += 2 * lanes;
         }
       }
     }
   }
-}
-
-// tanh for 8 floats: an odd polynomial near zero, 1 - 2 / (exp(2|x|) + 1) elsewhere (the split of
-// the classic Cephes tanhf, whose coefficients these are); both branches computed, then selected.
-RNN_EXT_INLINE vec_t<float> tanh_vector(vec_t<float> x) {
-  typedef int32_t ivec __attribute__((vector_size(32)));
-  const ivec sign_mask = ivec{} + static_cast<int32_t>(0x80000000u);
-  const vec_t<float> ax = (vec_t<float>)((ivec)x & ~sign_mask);
-
-  const vec_t<float> z = x * x;
-  vec_t<float> small = vec_t<float>{} - 5.70498872745e-3f;
-  small = small * z + 2.06390887954e-2f;
-  small = small * z - 5.37397155531e-2f;
-  small = small * z + 1.33314422036e-1f;
-  small = small * z - 3.33332819422e-1f;
-  small = small * z * x + x;
-
-  // exp(y) for y = 2|x|, clamped where tanh is 1 in float anyway: y = n ln2 + r, |r| <= ln2 / 2.
-  vec_t<float> y = 2.0f * ax;
-  y = y > 20.0f ? vec_t<float>{} + 20.0f : y;  // written so that NaN stays NaN
-  const vec_t<float> n = __builtin_convertvector(
-      __builtin_convertvector(y * 1.44269504088896341f + 0.5f, ivec), vec_t<float>);
-  vec_t<float> r = y - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  const vec_t<float> r2 = r * r;
-  vec_t<float> p = vec_t<float>{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r + 1.0f;
-  const ivec exponent = (__builtin_convertvector(n, ivec) + 127) << 23;
-  const vec_t<float> e = p * (vec_t<float>)exponent;
-  vec_t<float> large = 1.0f - 2.0f / (e + 1.0f);
-  large = (vec_t<float>)((ivec)large | ((ivec)x & sign_mask));
-  return ax < 0.625f ? small : large;
 }
 
 RNN_EXT_INLINE void tanh_body(float* values, int64_t count) {
@@ -196,23 +243,23 @@ RNN_EXT_INLINE void tanh_body(float* values, int64_t count) {
 template <typename T>
 __attribute__((target("avx512f,avx512vl,avx512dq,fma"))) void row_matmul_avx512(
     int64_t rows, const T* const* a_rows, const PackedMatrix<T>& b, T* const* c_rows,
-    bool accumulate, int64_t column_begin, int64_t column_end) {
-  row_matmul_body<T, 64>(rows, a_rows, b, c_rows, accumulate, column_begin, column_end);
+    bool accumulate, int64_t column_begin, int64_t column_end, Epilogue epilogue) {
+  row_matmul_body<T, 64>(rows, a_rows, b, c_rows, accumulate, column_begin, column_end, epilogue);
 }
 
 template <typename T>
 __attribute__((target("avx,fma"))) void row_matmul_avx(int64_t rows, const T* const* a_rows,
                                                        const PackedMatrix<T>& b, T* const* c_rows,
                                                        bool accumulate, int64_t column_begin,
-                                                       int64_t column_end) {
-  row_matmul_body<T, 32>(rows, a_rows, b, c_rows, accumulate, column_begin, column_end);
+                                                       int64_t column_end, Epilogue epilogue) {
+  row_matmul_body<T, 32>(rows, a_rows, b, c_rows, accumulate, column_begin, column_end, epilogue);
 }
 
 template <typename T>
 void row_matmul_baseline(int64_t rows, const T* const* a_rows, const PackedMatrix<T>& b,
                          T* const* c_rows, bool accumulate, int64_t column_begin,
-                         int64_t column_end) {
-  row_matmul_body<T, 32>(rows, a_rows, b, c_rows, accumulate, column_begin, column_end);
+                         int64_t column_end, Epilogue epilogue) {
+  row_matmul_body<T, 32>(rows, a_rows, b, c_rows, accumulate, column_begin, column_end, epilogue);
 }
 
 __attribute__((target("avx,fma"))) void tanh_avx(float* values, int64_t count) {
@@ -243,15 +290,15 @@ const char* kernel_name() {
 
 template <typename T>
 void row_matmul(int64_t rows, const T* const* a_rows, const PackedMatrix<T>& b, T* const* c_rows,
-                bool accumulate, int64_t column_begin, int64_t column_end) {
+                bool accumulate, int64_t column_begin, int64_t column_end, Epilogue epilogue) {
   column_end = std::min(column_end, b.width);
   if (rows <= 0 || column_begin >= column_end) return;
   if (cpu_has_avx512()) {
-    row_matmul_avx512(rows, a_rows, b, c_rows, accumulate, column_begin, column_end);
+    row_matmul_avx512(rows, a_rows, b, c_rows, accumulate, column_begin, column_end, epilogue);
   } else if (cpu_has_avx_fma()) {
-    row_matmul_avx(rows, a_rows, b, c_rows, accumulate, column_begin, column_end);
+    row_matmul_avx(rows, a_rows, b, c_rows, accumulate, column_begin, column_end, epilogue);
   } else {
-    row_matmul_baseline(rows, a_rows, b, c_rows, accumulate, column_begin, column_end);
+    row_matmul_baseline(rows, a_rows, b, c_rows, accumulate, column_begin, column_end, epilogue);
   }
 }
 
@@ -271,9 +318,9 @@ void tanh_inplace<double>(double* values, int64_t count) {
 }
 
 template void row_matmul<float>(int64_t, const float* const*, const PackedMatrix<float>&,
-                                float* const*, bool, int64_t, int64_t);
+                                float* const*, bool, int64_t, int64_t, Epilogue);
 template void row_matmul<double>(int64_t, const double* const*, const PackedMatrix<double>&,
-                                 double* const*, bool, int64_t, int64_t);
+                                 double* const*, bool, int64_t, int64_t, Epilogue);
 
 }  // namespace cpu
 }  // namespace rnn_ext

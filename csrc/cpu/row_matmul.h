@@ -7,19 +7,44 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <memory>
+#include <new>
+#include <utility>
 #include <vector>
 
 namespace rnn_ext {
 namespace cpu {
 
+// An allocator whose vectors grow without writing their new elements, so that a packed matrix's
+// memory is first written by the threads that pack (and then read) it.
+template <typename T>
+struct UninitializedAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = UninitializedAllocator<U>;
+  };
+  UninitializedAllocator() = default;
+  template <typename U>
+  UninitializedAllocator(const UninitializedAllocator<U>&) noexcept {}
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+
 // A right-hand matrix B [depth, width] stored as column panels: panel p holds columns
 // [p * block, (p + 1) * block) for every k, contiguously (element (k, j) at
 // data[(j / block * depth + k) * block + j % block]), zero-padded past `width`. A kernel then reads
 // one panel as a single contiguous stream; row-major B with a large power-of-two width would put
-// the lines of one column strip into a few L1 sets and evict itself.
+// the lines of one column strip into a few L1 sets and evict itself. A product over a column range
+// reads only the panels of that range.
 template <typename T>
 struct PackedMatrix {
-  std::vector<T> data;
+  std::vector<T, UninitializedAllocator<T>> data;
   int64_t depth = 0;
   int64_t width = 0;
   int64_t padded_width = 0;
@@ -31,32 +56,59 @@ constexpr int64_t column_block() {
   return 64 / static_cast<int64_t>(sizeof(T));
 }
 
-// Packs source (element (k, j) at source[k * k_stride + j * j_stride]) into B.
+// Sizes `packed` for a depth x width matrix without writing it: pack_columns fills it.
 template <typename T>
-void pack_matrix(PackedMatrix<T>& packed, const T* source, int64_t depth, int64_t width,
-                 int64_t k_stride, int64_t j_stride) {
+void shape_packed(PackedMatrix<T>& packed, int64_t depth, int64_t width) {
   constexpr int64_t block = column_block<T>();
   packed.depth = depth;
   packed.width = width;
   packed.padded_width = (width + block - 1) / block * block;
-  packed.data.assign(static_cast<size_t>(depth * packed.padded_width), T(0));
-  for (int64_t j0 = 0; j0 < width; j0 += block) {
+  packed.data.resize(static_cast<size_t>(depth * packed.padded_width));
+}
+
+// Packs the panels of columns [column_begin, column_end) of source (element (k, j) at
+// source[k * k_stride + j * j_stride]), their zero padding included; column_begin a multiple of
+// column_block<T>(). Threads that split a product by columns each pack their own range, so their
+// panels start out in their own core's cache.
+template <typename T>
+void pack_columns(PackedMatrix<T>& packed, const T* source, int64_t k_stride, int64_t j_stride,
+                  int64_t column_begin, int64_t column_end) {
+  constexpr int64_t block = column_block<T>();
+  const int64_t depth = packed.depth;
+  for (int64_t j0 = column_begin; j0 < std::min(column_end, packed.width); j0 += block) {
     T* panel = packed.data.data() + j0 * depth;
-    const int64_t columns = std::min(block, width - j0);
-    for (int64_t k = 0; k < depth; ++k)
+    const int64_t columns = std::min(block, packed.width - j0);
+    for (int64_t k = 0; k < depth; ++k) {
       for (int64_t jj = 0; jj < columns; ++jj)
         panel[k * block + jj] = source[k * k_stride + (j0 + jj) * j_stride];
+      for (int64_t jj = columns; jj < block; ++jj) panel[k * block + jj] = T(0);
+    }
   }
 }
 
-// c_rows[r][j] = (accumulate ? c_rows[r][j] : 0) + a_rows[r][0:depth] @ B[:, j], for r in
-// [0, rows) and j in [column_begin, min(column_end, width)). Rows are given by pointer so the
-// recurrence can mix h0 rows with output rows; a column range lets threads split one product
-// (column_begin must be a multiple of column_block<T>()). Defined for float and double in
+// Packs all of source into B.
+template <typename T>
+void pack_matrix(PackedMatrix<T>& packed, const T* source, int64_t depth, int64_t width,
+                 int64_t k_stride, int64_t j_stride) {
+  shape_packed(packed, depth, width);
+  pack_columns(packed, source, k_stride, j_stride, 0, width);
+}
+
+// What a product does to each element of C after its sum, on the register tile before the store:
+// nothing (a plain product), tanh (exactly tanh_inplace's function) or relu.
+enum class Epilogue { None, Tanh, Relu };
+
+// c_rows[r][j] = f((accumulate ? c_rows[r][j] : 0) + a_rows[r][0:depth] @ B[:, j]), f the
+// epilogue, for r in [0, rows) and j in [column_begin, min(column_end, width)). Rows are given by
+// pointer so the recurrence can mix h0 rows with output rows; a column range lets threads split
+// one product (column_begin a multiple of column_block<T>(), column_end one too or the width).
+// Each element's sum runs over k in the same order whatever rows and columns are given, so the
+// bits do not depend on how a product is cut into parts. Defined for float and double in
 // row_matmul.cpp, dispatched to the AVX-512 or AVX+FMA build when the CPU has one.
 template <typename T>
 void row_matmul(int64_t rows, const T* const* a_rows, const PackedMatrix<T>& b, T* const* c_rows,
-                bool accumulate, int64_t column_begin = 0, int64_t column_end = INT64_MAX);
+                bool accumulate, int64_t column_begin = 0, int64_t column_end = INT64_MAX,
+                Epilogue epilogue = Epilogue::None);
 
 // values[i] = tanh(values[i]) for i in [0, count).
 template <typename T>

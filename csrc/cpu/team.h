@@ -12,6 +12,8 @@
 #include <chrono>
 #include <cstdint>
 #include <exception>
+#include <condition_variable>
+#include <mutex>
 
 namespace rnn_ext {
 namespace cpu {
@@ -70,6 +72,65 @@ inline int available_threads() {
   return std::max(1, at::get_num_threads());
 }
 
+// A barrier for the threads of one team: an arrival counter and a generation number, each on its
+// own cache line. The last thread to arrive resets the counter and publishes the next generation
+// (release); the others spin on the generation line (acquire) with a pause in the loop, so a
+// barrier costs about one cache-line round trip. A thread still waiting after kSpins turns sleeps
+// on a condition variable instead, which the last thread signals only when someone sleeps: on a
+// machine with more runnable threads than cores, spinning (or yielding, which hands the core to
+// another process for a whole time slice) would hold up the teammate it waits for. Every thread
+// of the team must call wait() the same number of times (as with an OpenMP barrier); none throws.
+class SpinBarrier {
+ public:
+  void set_size(int size) { size_.store(size, std::memory_order_relaxed); }
+
+  void wait() {
+    // The generation cannot move on before this thread arrives, so this is the current one.
+    const uint32_t generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 ==
+        size_.load(std::memory_order_relaxed)) {
+      arrived_.store(0, std::memory_order_relaxed);  // ordered before the store below
+      // seq_cst with the load of sleepers_, against a waiter's increment and then load of the
+      // generation: one of the two sides sees the other's store, so no waiter sleeps through.
+      generation_.store(generation + 1, std::memory_order_seq_cst);
+      if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        wake_.notify_all();
+      }
+      return;
+    }
+    for (int spins = 0; spins < kSpins; ++spins) {
+      if (generation_.load(std::memory_order_acquire) != generation) return;
+      pause();
+    }
+    std::unique_lock<std::mutex> lock(mutex_);
+    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    wake_.wait(lock, [&] { return generation_.load(std::memory_order_seq_cst) != generation; });
+    sleepers_.fetch_sub(1, std::memory_order_relaxed);
+  }
+
+ private:
+  // A pause takes 25-100 ns on recent x86 cores: 50-200 us of spinning, much longer than two
+  // threads of one step drift apart on a quiet machine.
+  static constexpr int kSpins = 1 << 11;
+
+  static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+
+  alignas(64) std::atomic<int> arrived_{0};
+  alignas(64) std::atomic<uint32_t> generation_{0};
+  alignas(64) std::atomic<int> size_{1};
+  std::atomic<int> sleepers_{0};
+  std::mutex mutex_;
+  std::condition_variable wake_;
+};
+
+// The barrier of the team the calling thread runs in (set by run_team), or null.
+inline thread_local SpinBarrier* current_team_barrier = nullptr;
+
 // Runs body(thread, team_size) on one team of torch's intra-op threads, or inline on the caller
 // when `parallel` is false or only one thread is available. The body may call team_barrier();
 // every thread of the team must reach each barrier. No num_threads clause, as in ATen's own
@@ -85,21 +146,33 @@ void run_team(bool parallel, const Body& body) {
   // team_barrier() must not throw between barriers.
   std::exception_ptr error;
   std::atomic<bool> failed{false};
+  SpinBarrier barrier;
 #pragma omp parallel
   {
     // Lets ATen code called by the body see that it runs inside a parallel region.
     at::internal::ThreadIdGuard thread_id(omp_get_thread_num());
+    // The team's size is known only inside the region; every thread stores the same value before
+    // its first wait().
+    barrier.set_size(omp_get_num_threads());
+    current_team_barrier = &barrier;
     try {
       body(omp_get_thread_num(), omp_get_num_threads());
     } catch (...) {
       if (!failed.exchange(true)) error = std::current_exception();
     }
+    current_team_barrier = nullptr;
   }
   if (error) std::rethrow_exception(error);
 }
 
+// Waits until every thread of the calling thread's team (run_team's) has reached this barrier: the
+// team's SpinBarrier, or an OpenMP barrier outside run_team.
 inline void team_barrier() {
+  if (SpinBarrier* barrier = current_team_barrier) {
+    barrier->wait();
+  } else {
 #pragma omp barrier
+  }
 }
 
 // Part `part` of `parts` equal parts of [0, count) in units of `unit` (the last part takes the
