@@ -110,9 +110,11 @@ class SpinBarrier {
   }
 
  private:
-  // A pause takes 25-100 ns on recent x86 cores: 50-200 us of spinning, much longer than two
-  // threads of one step drift apart on a quiet machine.
-  static constexpr int kSpins = 1 << 11;
+  // A pause takes 25-100 ns on recent x86 cores: about 1-3 ms of spinning, of the order of what
+  // libgomp's own barrier spins before it sleeps. Far longer than two threads of one step drift
+  // apart, and long enough that a busy machine's scheduling hiccups (tens of microseconds) do not
+  // send a waiter to the futex, whose wake-up costs more than a step of a mid-sized layer.
+  static constexpr int kSpins = 1 << 15;
 
   static void pause() {
 #if defined(__x86_64__) || defined(__i386__)
