@@ -106,6 +106,7 @@ $(VENV)/.bench-deps-installed: $(VENV)/.deps-installed
 bench: build $(VENV)/.bench-deps-installed
 	$(PY) benchmarks/bench.py
 	$(PY) benchmarks/bf16.py
+	$(PY) benchmarks/call_cost.py
 
 fuzz: build
 	RNN_EXT_FUZZ_PROFILE=long $(PY) -m pytest -q tests/test_fuzz.py
