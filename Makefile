@@ -6,7 +6,7 @@
 #   make lint        ruff (lint + format) and clang-format, checked; `make format` rewrites
 #   make demo        train the sine -> cosine example with nn.RNN and rnn_ext.RNN
 #   make bench       CPU (and CUDA, where present) benchmark against every peer (installs OpenVINO
-#                    and JAX into the venv), then the bfloat16 benchmark
+#                    and JAX into the venv), then the bfloat16 benchmark and the per-call split
 #   make fuzz        the long differential-fuzzing profile
 #   make check-asan  the test suite on an AddressSanitizer + UBSan build
 #   make check-cuda  compile the CUDA sources against the CUDA torch wheel (needs nvcc)
