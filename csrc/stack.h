@@ -56,6 +56,19 @@ StackForwardResult stack_forward(const at::Tensor& input, const at::Tensor& hx,
                                  at::TensorList dropout_masks, int64_t num_layers,
                                  bool bidirectional, bool relu, bool batch_first);
 
+// A function with rnn_ext::_elman_stack_forward's signature (stack_forward, or a backend's own).
+using StackForward = StackForwardResult (*)(const at::Tensor&, const at::Tensor&, at::TensorList,
+                                            const c10::optional<at::Tensor>&, at::TensorList,
+                                            int64_t, bool, bool, bool);
+
+// rnn_ext::elman_stack (output, h_n) on top of `forward`: the checks, and nn.RNN's zero state when
+// hx is absent.
+std::tuple<at::Tensor, at::Tensor> stack_outputs(
+    StackForward forward, const at::Tensor& input, const c10::optional<at::Tensor>& hx,
+    at::TensorList weights, const c10::optional<at::Tensor>& batch_sizes,
+    at::TensorList dropout_masks, int64_t num_layers, bool bidirectional, bool relu,
+    bool batch_first);
+
 // rnn_ext::elman_stack_backward.
 BackwardResult stack_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                               const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,

@@ -170,19 +170,8 @@ def run_stack(
             return torch_function_layers(input, hx, weights, batch_sizes, config)
     masks = dropout_masks(rows, hx.shape[-1], input, config)
     if not torch.jit.is_scripting():
-        if not torch.compiler.is_compiling() and needs_composite(input, hx, weights):
-            return elman_stack_composite(
-                input,
-                hx,
-                weights,
-                batch_sizes,
-                masks,
-                config.num_layers,
-                config.bidirectional,
-                config.relu,
-                config.batch_first,
-            )
-        return elman_stack(
+        composite = not torch.compiler.is_compiling() and needs_composite(input, hx, weights)
+        return (elman_stack_composite if composite else elman_stack)(
             input,
             hx,
             weights,
