@@ -197,11 +197,12 @@ BackwardResult stack_backward(const at::Tensor& grad_output, const at::Tensor& g
   return {grad_input, grad_hx, grad_weights};
 }
 
-std::tuple<at::Tensor, at::Tensor> stack_outputs(
-    StackForward forward, const at::Tensor& input, const c10::optional<at::Tensor>& hx,
-    at::TensorList weights, const c10::optional<at::Tensor>& batch_sizes,
-    at::TensorList dropout_masks, int64_t num_layers, bool bidirectional, bool relu,
-    bool batch_first) {
+std::tuple<at::Tensor, at::Tensor> stack_outputs(StackForward forward, const at::Tensor& input,
+                                                 const c10::optional<at::Tensor>& hx,
+                                                 at::TensorList weights,
+                                                 const c10::optional<at::Tensor>& batch_sizes,
+                                                 at::TensorList dropout_masks, int64_t num_layers,
+                                                 bool bidirectional, bool relu, bool batch_first) {
   const at::Tensor given = hx.has_value() ? *hx : at::Tensor();
   const StackShape s = read_stack_args("rnn_ext::elman_stack", input, given, weights, batch_sizes,
                                        dropout_masks, num_layers, bidirectional, relu, batch_first);

@@ -63,11 +63,12 @@ using StackForward = StackForwardResult (*)(const at::Tensor&, const at::Tensor&
 
 // rnn_ext::elman_stack (output, h_n) on top of `forward`: the checks, and nn.RNN's zero state when
 // hx is absent.
-std::tuple<at::Tensor, at::Tensor> stack_outputs(
-    StackForward forward, const at::Tensor& input, const c10::optional<at::Tensor>& hx,
-    at::TensorList weights, const c10::optional<at::Tensor>& batch_sizes,
-    at::TensorList dropout_masks, int64_t num_layers, bool bidirectional, bool relu,
-    bool batch_first);
+std::tuple<at::Tensor, at::Tensor> stack_outputs(StackForward forward, const at::Tensor& input,
+                                                 const c10::optional<at::Tensor>& hx,
+                                                 at::TensorList weights,
+                                                 const c10::optional<at::Tensor>& batch_sizes,
+                                                 at::TensorList dropout_masks, int64_t num_layers,
+                                                 bool bidirectional, bool relu, bool batch_first);
 
 // rnn_ext::elman_stack_backward.
 BackwardResult stack_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,

@@ -61,6 +61,7 @@ def fused_op_calls(fn, op="rnn_ext::elman_forward"):
         torch.set_num_threads(threads)
     return sum(event.count for event in profile.key_averages() if event.key == op)
 
+
 def reference_layer(input, hx, weights, batch_sizes, relu):
     """One elman_forward call (same arguments, same results) by the oracle rnn_ext.reference,
     differentiable: packed rows go to a zero-padded [T, B, I] and come back as rows."""

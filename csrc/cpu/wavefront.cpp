@@ -180,8 +180,8 @@ StackForwardResult wavefront_forward(const StackShape& s, const at::Tensor& inpu
         for (int64_t i = begin; i < end; ++i) target[i] = in[i] * mask[i];
         in = target;
       }
-      project_rows<T>(a, input_weights[l], a.shape.has_bias ? biases[l].data() : nullptr, in,
-                      out, chunk.row_begin, chunk.row_end);
+      project_rows<T>(a, input_weights[l], a.shape.has_bias ? biases[l].data() : nullptr, in, out,
+                      chunk.row_begin, chunk.row_end);
     }
     PhaseTimer timer(Phase::ForwardRecurrence);
     mark_worker(Phase::ForwardRecurrence, thread);
