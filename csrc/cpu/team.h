@@ -72,6 +72,16 @@ inline int available_threads() {
   return std::max(1, at::get_num_threads());
 }
 
+// One turn of a spin-wait loop: tells the core it is spinning (x86 pause, AArch64 yield), which
+// frees resources for the sibling hyperthread and avoids a memory-order flush on exit.
+inline void spin_pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
 // A barrier for the threads of one team: an arrival counter and a generation number, each on its
 // own cache line. The last thread to arrive resets the counter and publishes the next generation
 // (release); the others spin on the generation line (acquire) with a pause in the loop, so a
@@ -101,7 +111,7 @@ class SpinBarrier {
     }
     for (int spins = 0; spins < kSpins; ++spins) {
       if (generation_.load(std::memory_order_acquire) != generation) return;
-      pause();
+      spin_pause();
     }
     std::unique_lock<std::mutex> lock(mutex_);
     sleepers_.fetch_add(1, std::memory_order_seq_cst);
@@ -115,12 +125,6 @@ class SpinBarrier {
   // apart, and long enough that a busy machine's scheduling hiccups (tens of microseconds) do not
   // send a waiter to the futex, whose wake-up costs more than a step of a mid-sized layer.
   static constexpr int kSpins = 1 << 15;
-
-  static void pause() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-  }
 
   alignas(64) std::atomic<int> arrived_{0};
   alignas(64) std::atomic<uint32_t> generation_{0};

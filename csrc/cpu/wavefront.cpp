@@ -27,10 +27,6 @@
 #include <thread>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
-
 #include "../layer_args.h"
 #include "elman_cpu.h"
 #include "team.h"
@@ -42,14 +38,6 @@ namespace {
 // Rows per chunk the wavefront aims for: enough work per task (a few steps of a small batch) to
 // repay the hand-over between threads, few enough that the pipeline fills quickly.
 constexpr int64_t kChunkRows = 64;
-
-inline void spin_pause() {
-#if defined(__x86_64__) || defined(__i386__)
-  _mm_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
 
 // One counter per cache line: the threads write different layers' counters.
 struct alignas(64) ChunkCounter {
