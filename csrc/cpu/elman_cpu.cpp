@@ -323,128 +323,92 @@ at::Tensor input_gradient(const LayerArgs& args, const at::Tensor& grad_pre) {
   return grad_input;
 }
 
-// h_{t-1} of every row of direction d, as rows of `previous` (only needed for packed input, where
-// a step's previous rows are not one shifted block of the output).
+// Packs the rows of steps [step_begin, step_end) of direction d's H_prev (h_{t-1} of every row:
+// h0's row where the row starts its sequence, else the output row of the previous step) straight
+// from hx and the output, packed input included.
 template <typename T>
-void gather_previous_states(const LayerArgs& args, int64_t d, const T* hx, const T* output,
-                            T* previous) {
+void pack_previous_states(const LayerArgs& args, int64_t d, const T* hx, const T* output,
+                          PackedMatrix<T>& previous, int64_t step_begin, int64_t step_end) {
   const ElmanShape& s = args.shape;
-  const int64_t H = s.hidden_size, D = s.directions, T_ = s.steps;
+  const int64_t H = s.hidden_size, D = s.directions;
   const bool reverse = d == 1;
   const StepLayout layout = step_layout(args);
-  for (const auto t : c10::irange(T_)) {
+  for (int64_t t = step_begin; t < step_end; ++t) {
     for (const auto b : c10::irange(layout.size(t))) {
       const T* h_prev =
           layout.reads_initial_state(t, b, reverse)
               ? hx + state_index(d, b, 0, s.batch, H)
               : output + output_index(layout.row(previous_step(t, reverse), b), d, 0, H, D);
-      std::memcpy(previous + layout.row(t, b) * H, h_prev, H * sizeof(T));
+      cpu::pack_row(previous, layout.row(t, b), h_prev);
     }
   }
 }
 
-// weight_gradients for small layers (a long sequence of a batch of one, say), on the calling
-// thread with the packed kernel: dP transposed and H_prev gathered, which at this size cost less
-// than the BLAS calls they replace.
+// c[r] = A[r] @ b for `rows` rows, A given transposed (element (r, k) at a_t[k * a_t_stride + r]),
+// C's rows at a fixed stride, on the calling thread.
 template <typename T>
-void small_weight_gradients(const LayerArgs& args, const at::Tensor& grad_pre,
-                            const at::Tensor& input_rows, const at::Tensor& hx,
-                            const at::Tensor& output_rows, std::vector<DirectionGradients>& grads) {
-  cpu::mark_worker(Phase::WeightGradient, 0);
-  const ElmanShape& s = args.shape;
-  const int64_t H = s.hidden_size, width = s.output_width();
-  // dP transposed, [D*H, rows], without a dispatch: a small layer's backward feels each one.
-  std::vector<T> grad_pre_t(width * s.rows);
-  const T* dp = grad_pre.data_ptr<T>();
-  for (const auto r : c10::irange(s.rows))
-    for (const auto j : c10::irange(width)) grad_pre_t[j * s.rows + r] = dp[r * width + j];
-  PackedMatrix<T> inputs, previous;
-  cpu::pack_matrix(inputs, input_rows.data_ptr<T>(), s.rows, s.input_size,
-                   /*k_stride=*/s.input_size, /*j_stride=*/1);
-  std::vector<T> previous_rows(s.rows * H);
-  for (const auto d : c10::irange(s.directions)) {
-    const T* grad_pre_d = grad_pre_t.data() + d * H * s.rows;
-    strided_row_matmul<T>(H, grad_pre_d, s.rows, inputs, grads[d].weight_ih.data_ptr<T>(),
-                          s.input_size, /*accumulate=*/false);
-    gather_previous_states<T>(args, d, hx.data_ptr<T>(), output_rows.data_ptr<T>(),
-                              previous_rows.data());
-    cpu::pack_matrix(previous, previous_rows.data(), s.rows, H, /*k_stride=*/H, /*j_stride=*/1);
-    strided_row_matmul<T>(H, grad_pre_d, s.rows, previous, grads[d].weight_hh.data_ptr<T>(), H,
-                          /*accumulate=*/false);
-    if (s.has_bias) {
-      T* sums = grads[d].bias.data_ptr<T>();
-      std::fill(sums, sums + H, T(0));
-      const T* rows = grad_pre.data_ptr<T>() + d * H;
-      for (const auto r : c10::irange(s.rows))
-        for (const auto j : c10::irange(H)) sums[j] += rows[r * width + j];
-    }
-  }
+void transposed_product(int64_t rows, const T* a_t, int64_t a_t_stride, const PackedMatrix<T>& b,
+                        T* c, int64_t c_stride) {
+  std::vector<T*> c_rows(rows);
+  for (const auto r : c10::irange(rows)) c_rows[r] = c + r * c_stride;
+  cpu::transposed_matmul<T>(rows, a_t, a_t_stride, b, c_rows.data(), /*accumulate=*/false);
 }
 
 // Weight gradients per direction: dW_ih = dP_d^T X, dW_hh = dP_d^T H_prev, and the column sums
-// of dP_d (one tensor; backward_result gives each bias its own). Parts split the H output rows
-// (columns of dP), never the sum over rows, and H_prev is read as the output shifted by one step
-// (plus h0's block) rather than copied.
+// of dP_d (one tensor; backward_result gives each bias its own). X and each direction's H_prev are
+// packed once, their rows split over the team; dP is read in place as A's transpose. Parts then
+// split the H output rows (columns of dP), never the sum over rows, so the bits depend on the
+// shape alone.
 template <typename T>
 std::vector<DirectionGradients> weight_gradients(const LayerArgs& args, const at::Tensor& grad_pre,
                                                  const at::Tensor& input_rows, const at::Tensor& hx,
                                                  const at::Tensor& output_rows) {
   cpu::PhaseTimer timer(Phase::WeightGradient);
   const ElmanShape& s = args.shape;
-  const int64_t H = s.hidden_size, D = s.directions, width = s.output_width();
+  const int64_t H = s.hidden_size, D = s.directions, I = s.input_size, width = s.output_width();
   std::vector<DirectionGradients> grads(D);
   for (auto& g : grads) {
-    g.weight_ih = at::empty({H, s.input_size}, grad_pre.options());
+    g.weight_ih = at::empty({H, I}, grad_pre.options());
     g.weight_hh = at::empty({H, H}, grad_pre.options());
     if (s.has_bias) g.bias = at::empty({H}, grad_pre.options());
   }
-  const int64_t macs = s.rows * H * (s.input_size + H);
-  if (macs < kPartWork) {
-    small_weight_gradients<T>(args, grad_pre, input_rows, hx, output_rows, grads);
-    return grads;
-  }
-  // dP transposed (A's rows are dP's columns), X and each direction's H_prev packed once, on the
-  // calling thread: about 1/H of the products' work.
-  const at::Tensor grad_pre_t = grad_pre.t().contiguous();  // [D*H, rows]
   PackedMatrix<T> inputs;
-  cpu::pack_matrix(inputs, input_rows.data_ptr<T>(), s.rows, s.input_size,
-                   /*k_stride=*/s.input_size, /*j_stride=*/1);
+  cpu::shape_packed(inputs, s.rows, I);
   std::vector<PackedMatrix<T>> previous(D);
-  {
-    std::vector<T> previous_rows(s.rows * H);
-    for (const auto d : c10::irange(D)) {
-      gather_previous_states<T>(args, d, hx.data_ptr<T>(), output_rows.data_ptr<T>(),
-                                previous_rows.data());
-      cpu::pack_matrix(previous[d], previous_rows.data(), s.rows, H, /*k_stride=*/H,
-                       /*j_stride=*/1);
-    }
-  }
+  for (auto& p : previous) cpu::shape_packed(p, s.rows, H);
+  const T* dp = grad_pre.data_ptr<T>();
+  const T* x = input_rows.data_ptr<T>();
+  const T* h0 = hx.data_ptr<T>();
+  const T* out = output_rows.data_ptr<T>();
+  const int64_t macs = s.rows * H * (I + H);
   const int64_t parts = product_parts(macs, H);
-  // A few parts' worth of work runs its parts on the calling thread: a team's start would be the
-  // bulk of a latency-bound layer's weight gradient (T=1000, B=1, H=32: 1M multiply-adds).
-  const bool use_team = macs >= 4 * kPartWork;
-  run_parts(
-      Phase::WeightGradient, parts * D,
-      [&](int64_t part) {
-        const int64_t d = part / parts;
-        const auto [begin, end] = cpu::split_range(H, 1, part % parts, parts);
-        const int64_t n = end - begin;
-        const T* dp_t = grad_pre_t.data_ptr<T>() + (d * H + begin) * s.rows;  // [n, rows]
-        strided_row_matmul<T>(n, dp_t, s.rows, inputs,
-                              grads[d].weight_ih.data_ptr<T>() + begin * s.input_size, s.input_size,
-                              /*accumulate=*/false);
-        strided_row_matmul<T>(n, dp_t, s.rows, previous[d],
-                              grads[d].weight_hh.data_ptr<T>() + begin * H, H,
-                              /*accumulate=*/false);
-        if (s.has_bias) {
-          T* sums = grads[d].bias.data_ptr<T>() + begin;
-          std::fill(sums, sums + n, T(0));
-          const T* rows = grad_pre.data_ptr<T>() + d * H + begin;
-          for (const auto r : c10::irange(s.rows))
-            for (const auto j : c10::irange(n)) sums[j] += rows[r * width + j];
-        }
-      },
-      use_team);
+  // A few parts' worth of work runs on the calling thread: a team's start would be the bulk of a
+  // latency-bound layer's weight gradient (T=1000, B=1, H=32: 1M multiply-adds).
+  cpu::run_team(macs >= 4 * kPartWork, [&](int thread, int team) {
+    cpu::mark_worker(Phase::WeightGradient, thread);
+    const auto [row_begin, row_end] = cpu::split_range(s.rows, 1, thread, team);
+    for (int64_t r = row_begin; r < row_end; ++r) cpu::pack_row(inputs, r, x + r * I);
+    const auto [step_begin, step_end] = cpu::split_range(s.steps, 1, thread, team);
+    for (const auto d : c10::irange(D))
+      pack_previous_states<T>(args, d, h0, out, previous[d], step_begin, step_end);
+    if (team > 1) cpu::team_barrier();
+    const auto [part_begin, part_end] = cpu::split_range(parts * D, 1, thread, team);
+    for (int64_t part = part_begin; part < part_end; ++part) {
+      const int64_t d = part / parts;
+      const auto [begin, end] = cpu::split_range(H, 1, part % parts, parts);
+      const int64_t n = end - begin;
+      const T* dp_t = dp + d * H + begin;  // dP_d's columns [begin, end), transposed
+      transposed_product<T>(n, dp_t, width, inputs, grads[d].weight_ih.data_ptr<T>() + begin * I, I);
+      transposed_product<T>(n, dp_t, width, previous[d],
+                            grads[d].weight_hh.data_ptr<T>() + begin * H, H);
+      if (s.has_bias) {
+        T* sums = grads[d].bias.data_ptr<T>() + begin;
+        std::fill(sums, sums + n, T(0));
+        for (const auto r : c10::irange(s.rows))
+          for (const auto j : c10::irange(n)) sums[j] += dp_t[r * width + j];
+      }
+    }
+  });
   return grads;
 }
 

@@ -91,13 +91,32 @@ RNN_EXT_INLINE vec_t<T, BYTES> finish_vector(vec_t<T, BYTES> x, Epilogue epilogu
   }
 }
 
+// The left-hand matrix A of a product, read through one of two views: A's rows by pointer (element
+// (r, k) at rows[r][k]), or A stored transposed (element (r, k) at base[k * stride + r], so a
+// block's values at one k are adjacent). A kernel reads A only through value(); the bits of a
+// product do not depend on the view.
+template <typename T>
+struct RowPointers {
+  const T* const* rows;
+  RNN_EXT_INLINE T value(int64_t r, int64_t k) const { return rows[r][k]; }
+  RNN_EXT_INLINE RowPointers from(int64_t r) const { return {rows + r}; }
+};
+
+template <typename T>
+struct TransposedRows {
+  const T* base;
+  int64_t stride;
+  RNN_EXT_INLINE T value(int64_t r, int64_t k) const { return base[k * stride + r]; }
+  RNN_EXT_INLINE TransposedRows from(int64_t r) const { return {base + r, stride}; }
+};
+
 // ROWS rows times VECTORS vectors of columns of B over depth [k_begin, k_end): ROWS * VECTORS
 // accumulators stay in registers; the result is added to C or replaces it, and with `finish` (the
 // last depth slice) the epilogue is applied to the register tile before it is stored. Vector v
 // holds `lanes` columns starting v * lanes columns into the strip: with 32-byte vectors two
 // vectors make one column panel, with 64-byte vectors a vector is a whole panel.
-template <typename T, int ROWS, int BYTES, int VECTORS>
-RNN_EXT_INLINE void block_kernel(const T* const* a, const T* panel, int64_t depth, int64_t k_begin,
+template <typename T, int ROWS, int BYTES, int VECTORS, typename A>
+RNN_EXT_INLINE void block_kernel(const A& a, const T* panel, int64_t depth, int64_t k_begin,
                                  int64_t k_end, T* const* c, int64_t column, int64_t width,
                                  bool accumulate, Epilogue epilogue) {
   using V = vec_t<T, BYTES>;
@@ -114,7 +133,7 @@ RNN_EXT_INLINE void block_kernel(const T* const* a, const T* panel, int64_t dept
     for (int r = 0; r < ROWS; ++r) {
       // vector * scalar: the compiler broadcasts straight from memory (vbroadcastss with AVX);
       // building the vector by hand costs a shuffle or an insert per lane.
-      const T x = a[r][k];
+      const T x = a.value(r, k);
       for (int v = 0; v < VECTORS; ++v) acc[r][v] += bv[v] * x;
     }
   }
@@ -141,8 +160,8 @@ RNN_EXT_INLINE void block_kernel(const T* const* a, const T* panel, int64_t dept
 }
 
 // block_kernel for a block of `rows` rows, 1 <= rows <= MAX_ROWS, chosen at run time.
-template <typename T, int BYTES, int VECTORS, int MAX_ROWS>
-RNN_EXT_INLINE void block_of_rows(int64_t rows, const T* const* a, const T* panel, int64_t depth,
+template <typename T, int BYTES, int VECTORS, int MAX_ROWS, typename A>
+RNN_EXT_INLINE void block_of_rows(int64_t rows, const A& a, const T* panel, int64_t depth,
                                   int64_t k_begin, int64_t k_end, T* const* c, int64_t column,
                                   int64_t width, bool accumulate, Epilogue epilogue) {
   if constexpr (MAX_ROWS > 1) {
@@ -158,8 +177,8 @@ RNN_EXT_INLINE void block_of_rows(int64_t rows, const T* const* a, const T* pane
 // MAX_ROWS, as even as possible (sizes differ by at most one; the larger ones first), so that no
 // batch size falls to a narrow tail block (64 rows: 6 blocks of 11 or 10, not 5 of 12 and one of
 // 4). A fixed function of `rows`; each row's arithmetic is the same whatever block it falls in.
-template <typename T, int BYTES, int VECTORS, int MAX_ROWS>
-RNN_EXT_INLINE void strip(int64_t rows, const T* const* a_rows, const T* panel, int64_t depth,
+template <typename T, int BYTES, int VECTORS, int MAX_ROWS, typename A>
+RNN_EXT_INLINE void strip(int64_t rows, const A& a_rows, const T* panel, int64_t depth,
                           int64_t k0, int64_t k1, T* const* c_rows, int64_t column, int64_t width,
                           bool add, Epilogue epilogue) {
   const int64_t blocks = (rows + MAX_ROWS - 1) / MAX_ROWS;
@@ -167,14 +186,14 @@ RNN_EXT_INLINE void strip(int64_t rows, const T* const* a_rows, const T* panel, 
   int64_t r = 0;
   for (int64_t i = 0; i < blocks; ++i) {
     const int64_t n = size + (i < larger ? 1 : 0);
-    block_of_rows<T, BYTES, VECTORS, MAX_ROWS>(n, a_rows + r, panel, depth, k0, k1, c_rows + r,
+    block_of_rows<T, BYTES, VECTORS, MAX_ROWS>(n, a_rows.from(r), panel, depth, k0, k1, c_rows + r,
                                                column, width, add, epilogue);
     r += n;
   }
 }
 
-template <typename T, int BYTES>
-RNN_EXT_INLINE void row_matmul_body(int64_t rows, const T* const* a_rows, const PackedMatrix<T>& b,
+template <typename T, int BYTES, typename A>
+RNN_EXT_INLINE void row_matmul_body(int64_t rows, const A& a_rows, const PackedMatrix<T>& b,
                                     T* const* c_rows, bool accumulate, int64_t column_begin,
                                     int64_t column_end, Epilogue epilogue) {
   // Cache blocking, outermost first: a depth slice (256), then a chunk of rows whose A block
@@ -203,7 +222,7 @@ RNN_EXT_INLINE void row_matmul_body(int64_t rows, const T* const* a_rows, const 
     for (int64_t i = 0; i < chunks; ++i) {
       // Chunks as even as the blocks inside them: 64 rows are two chunks of 32.
       const int64_t chunk = rows * i / chunks, chunk_rows = rows * (i + 1) / chunks - chunk;
-      const T* const* a = a_rows + chunk;
+      const A a = a_rows.from(chunk);
       T* const* c = c_rows + chunk;
       const int64_t end_panel = (column_end + block - 1) / block;
       for (int64_t column = column_begin; column < column_end;) {
@@ -240,26 +259,26 @@ RNN_EXT_INLINE void tanh_body(float* values, int64_t count) {
   }
 }
 
-template <typename T>
+template <typename T, typename A>
 __attribute__((target("avx512f,avx512vl,avx512dq,fma"))) void row_matmul_avx512(
-    int64_t rows, const T* const* a_rows, const PackedMatrix<T>& b, T* const* c_rows,
-    bool accumulate, int64_t column_begin, int64_t column_end, Epilogue epilogue) {
-  row_matmul_body<T, 64>(rows, a_rows, b, c_rows, accumulate, column_begin, column_end, epilogue);
+    int64_t rows, const A& a, const PackedMatrix<T>& b, T* const* c_rows, bool accumulate,
+    int64_t column_begin, int64_t column_end, Epilogue epilogue) {
+  row_matmul_body<T, 64>(rows, a, b, c_rows, accumulate, column_begin, column_end, epilogue);
 }
 
-template <typename T>
-__attribute__((target("avx,fma"))) void row_matmul_avx(int64_t rows, const T* const* a_rows,
+template <typename T, typename A>
+__attribute__((target("avx,fma"))) void row_matmul_avx(int64_t rows, const A& a,
                                                        const PackedMatrix<T>& b, T* const* c_rows,
                                                        bool accumulate, int64_t column_begin,
                                                        int64_t column_end, Epilogue epilogue) {
-  row_matmul_body<T, 32>(rows, a_rows, b, c_rows, accumulate, column_begin, column_end, epilogue);
+  row_matmul_body<T, 32>(rows, a, b, c_rows, accumulate, column_begin, column_end, epilogue);
 }
 
-template <typename T>
-void row_matmul_baseline(int64_t rows, const T* const* a_rows, const PackedMatrix<T>& b,
-                         T* const* c_rows, bool accumulate, int64_t column_begin,
-                         int64_t column_end, Epilogue epilogue) {
-  row_matmul_body<T, 32>(rows, a_rows, b, c_rows, accumulate, column_begin, column_end, epilogue);
+template <typename T, typename A>
+void row_matmul_baseline(int64_t rows, const A& a, const PackedMatrix<T>& b, T* const* c_rows,
+                         bool accumulate, int64_t column_begin, int64_t column_end,
+                         Epilogue epilogue) {
+  row_matmul_body<T, 32>(rows, a, b, c_rows, accumulate, column_begin, column_end, epilogue);
 }
 
 __attribute__((target("avx,fma"))) void tanh_avx(float* values, int64_t count) {
@@ -288,18 +307,38 @@ const char* kernel_name() {
   return "baseline";
 }
 
-template <typename T>
-void row_matmul(int64_t rows, const T* const* a_rows, const PackedMatrix<T>& b, T* const* c_rows,
-                bool accumulate, int64_t column_begin, int64_t column_end, Epilogue epilogue) {
+namespace {
+
+// The build of the kernel for this CPU, for either view of A.
+template <typename T, typename A>
+void dispatch_matmul(int64_t rows, const A& a, const PackedMatrix<T>& b, T* const* c_rows,
+                     bool accumulate, int64_t column_begin, int64_t column_end,
+                     Epilogue epilogue) {
   column_end = std::min(column_end, b.width);
   if (rows <= 0 || column_begin >= column_end) return;
   if (cpu_has_avx512()) {
-    row_matmul_avx512(rows, a_rows, b, c_rows, accumulate, column_begin, column_end, epilogue);
+    row_matmul_avx512<T>(rows, a, b, c_rows, accumulate, column_begin, column_end, epilogue);
   } else if (cpu_has_avx_fma()) {
-    row_matmul_avx(rows, a_rows, b, c_rows, accumulate, column_begin, column_end, epilogue);
+    row_matmul_avx<T>(rows, a, b, c_rows, accumulate, column_begin, column_end, epilogue);
   } else {
-    row_matmul_baseline(rows, a_rows, b, c_rows, accumulate, column_begin, column_end, epilogue);
+    row_matmul_baseline<T>(rows, a, b, c_rows, accumulate, column_begin, column_end, epilogue);
   }
+}
+
+}  // namespace
+
+template <typename T>
+void row_matmul(int64_t rows, const T* const* a_rows, const PackedMatrix<T>& b, T* const* c_rows,
+                bool accumulate, int64_t column_begin, int64_t column_end, Epilogue epilogue) {
+  dispatch_matmul<T>(rows, RowPointers<T>{a_rows}, b, c_rows, accumulate, column_begin,
+                     column_end, epilogue);
+}
+
+template <typename T>
+void transposed_matmul(int64_t rows, const T* a_t, int64_t a_t_stride, const PackedMatrix<T>& b,
+                       T* const* c_rows, bool accumulate) {
+  dispatch_matmul<T>(rows, TransposedRows<T>{a_t, a_t_stride}, b, c_rows, accumulate, 0, INT64_MAX,
+                     Epilogue::None);
 }
 
 template <>
@@ -321,6 +360,10 @@ template void row_matmul<float>(int64_t, const float* const*, const PackedMatrix
                                 float* const*, bool, int64_t, int64_t, Epilogue);
 template void row_matmul<double>(int64_t, const double* const*, const PackedMatrix<double>&,
                                  double* const*, bool, int64_t, int64_t, Epilogue);
+template void transposed_matmul<float>(int64_t, const float*, int64_t, const PackedMatrix<float>&,
+                                       float* const*, bool);
+template void transposed_matmul<double>(int64_t, const double*, int64_t,
+                                        const PackedMatrix<double>&, double* const*, bool);
 
 }  // namespace cpu
 }  // namespace rnn_ext

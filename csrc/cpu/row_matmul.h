@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <new>
 #include <utility>
@@ -86,6 +87,23 @@ void pack_columns(PackedMatrix<T>& packed, const T* source, int64_t k_stride, in
   }
 }
 
+// Packs row k of B from `source`, its `width` elements contiguous, the row's zero padding included:
+// one copy per column panel. Rows are independent, so threads may pack different rows.
+template <typename T>
+void pack_row(PackedMatrix<T>& packed, int64_t k, const T* source) {
+  constexpr int64_t block = column_block<T>();
+  T* out = packed.data.data() + k * block;
+  const int64_t full = packed.width / block * block;
+  int64_t j0 = 0;
+  for (; j0 < full; j0 += block, out += packed.depth * block)
+    std::memcpy(out, source + j0, block * sizeof(T));
+  if (j0 < packed.width) {
+    const int64_t rest = packed.width - j0;
+    std::memcpy(out, source + j0, rest * sizeof(T));
+    std::fill(out + rest, out + block, T(0));
+  }
+}
+
 // Packs all of source into B.
 template <typename T>
 void pack_matrix(PackedMatrix<T>& packed, const T* source, int64_t depth, int64_t width,
@@ -109,6 +127,14 @@ template <typename T>
 void row_matmul(int64_t rows, const T* const* a_rows, const PackedMatrix<T>& b, T* const* c_rows,
                 bool accumulate, int64_t column_begin = 0, int64_t column_end = INT64_MAX,
                 Epilogue epilogue = Epilogue::None);
+
+// row_matmul with A given transposed: c_rows[r][j] = (accumulate ? c_rows[r][j] : 0) +
+// sum_k a_t[k * a_t_stride + r] * B[k, j], for every column of B. The same sums in the same order
+// as row_matmul over A's rows, so the same bits; a product whose left-hand side is the transpose
+// of a row-major matrix (a weight gradient, dP^T X) reads it in place.
+template <typename T>
+void transposed_matmul(int64_t rows, const T* a_t, int64_t a_t_stride, const PackedMatrix<T>& b,
+                       T* const* c_rows, bool accumulate);
 
 // values[i] = tanh(values[i]) for i in [0, count).
 template <typename T>
