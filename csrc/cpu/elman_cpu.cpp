@@ -76,18 +76,31 @@ int64_t product_parts(int64_t macs, int64_t extent) {
   return std::max<int64_t>(1, std::min({macs / kPartWork, kMaxParts, extent}));
 }
 
-// Runs part(p) for p in [0, parts) over the team, contiguous runs of parts per thread, each part
-// a sequential BLAS call: the bits depend on the parts (the shapes), not on the threads.
-template <typename Part>
-void run_parts(Phase phase, int64_t parts, const Part& part, bool use_team = true) {
+// Runs pack(thread, team) on every thread of the team, waits for the whole team (a part reads all
+// that was packed), then part(p) for p in [0, parts), contiguous runs of parts per thread. The
+// bits depend on the parts (the shapes), not on the threads.
+template <typename Pack, typename Part>
+void run_parts(Phase phase, int64_t parts, const Pack& pack, const Part& part,
+               bool use_team = true) {
   cpu::run_team(use_team && parts > 1, [&](int thread, int team) {
     // Worker threads start with the default dispatch state; this kernel runs below autograd.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     SequentialBlas sequential;
+    cpu::mark_worker(phase, thread);
+    pack(thread, team);
+    if (team > 1) cpu::team_barrier();
     const auto [begin, end] = cpu::split_range(parts, 1, thread, team);
-    if (begin < end) cpu::mark_worker(phase, thread);
     for (int64_t p = begin; p < end; ++p) part(p);
   });
+}
+
+// Packs a team thread's share of the column panels of `packed` from source (as pack_columns).
+template <typename T>
+void pack_share(PackedMatrix<T>& packed, const T* source, int64_t k_stride, int64_t j_stride,
+                int thread, int team) {
+  const auto [begin, end] =
+      cpu::split_range(packed.width, cpu::column_block<T>(), thread, team);
+  cpu::pack_columns(packed, source, k_stride, j_stride, begin, end);
 }
 
 // c[r] = (accumulate ? c[r] : 0) + a[r] @ b for `rows` rows at fixed strides, on the calling
@@ -136,22 +149,25 @@ template <typename T>
 void project_inputs(const LayerArgs& args, const at::Tensor& input_rows, at::Tensor& output_rows) {
   cpu::PhaseTimer timer(Phase::InputProjection);
   const ElmanShape& s = args.shape;
-  PackedMatrix<T> weight_t;  // packed once for every part
-  const std::vector<T> bias = cpu::pack_input_weights<T>(args, weight_t);
+  const at::Tensor weight = stacked_input_weights(args);  // [D*H, I]
+  PackedMatrix<T> weight_t;  // element (k, j) = W[j, k], packed once for every part
+  cpu::shape_packed(weight_t, s.input_size, s.output_width());
+  const std::vector<T> bias = summed_biases<T>(args);
   const T* bias_data = s.has_bias ? bias.data() : nullptr;
   const T* in = input_rows.data_ptr<T>();
   T* out = output_rows.data_ptr<T>();
   const int64_t macs = s.rows * s.input_size * s.output_width();
-  if (macs < kBlasWorkThreshold) {
-    cpu::mark_worker(Phase::InputProjection, 0);
-    cpu::project_rows<T>(args, weight_t, bias_data, in, out, 0, s.rows);
-    return;
-  }
-  const int64_t parts = product_parts(macs, s.rows);
-  run_parts(Phase::InputProjection, parts, [&](int64_t p) {
-    const auto [begin, end] = cpu::split_range(s.rows, 1, p, parts);
-    cpu::project_rows<T>(args, weight_t, bias_data, in, out, begin, end);
-  });
+  const int64_t parts = macs < kBlasWorkThreshold ? 1 : product_parts(macs, s.rows);
+  run_parts(
+      Phase::InputProjection, parts,
+      [&](int thread, int team) {
+        pack_share(weight_t, weight.data_ptr<T>(), /*k_stride=*/1, /*j_stride=*/s.input_size,
+                   thread, team);
+      },
+      [&](int64_t p) {
+        const auto [begin, end] = cpu::split_range(s.rows, 1, p, parts);
+        cpu::project_rows<T>(args, weight_t, bias_data, in, out, begin, end);
+      });
 }
 
 // The columns [column_begin, column_end) of the steps at `positions` of one direction's forward
@@ -305,21 +321,23 @@ at::Tensor input_gradient(const LayerArgs& args, const at::Tensor& grad_pre) {
   cpu::PhaseTimer timer(Phase::InputGradient);
   const ElmanShape& s = args.shape;
   at::Tensor grad_input = at::empty({s.rows, s.input_size}, grad_pre.options());
-  PackedMatrix<T> packed;  // packed once for every part
-  cpu::pack_input_gradient_weights<T>(args, packed);
+  const at::Tensor weight = stacked_input_weights(args);  // [D*H, I]
+  PackedMatrix<T> packed;  // element (k, j) = W[k, j], packed once for every part
+  cpu::shape_packed(packed, s.output_width(), s.input_size);
   const T* dp = grad_pre.data_ptr<T>();
   T* out = grad_input.data_ptr<T>();
   const int64_t macs = s.rows * s.output_width() * s.input_size;
-  if (macs < kBlasWorkThreshold) {
-    cpu::mark_worker(Phase::InputGradient, 0);
-    cpu::input_gradient_rows<T>(args, packed, dp, out, 0, s.rows);
-    return grad_input;
-  }
-  const int64_t parts = product_parts(macs, s.rows);
-  run_parts(Phase::InputGradient, parts, [&](int64_t p) {
-    const auto [begin, end] = cpu::split_range(s.rows, 1, p, parts);
-    cpu::input_gradient_rows<T>(args, packed, dp, out, begin, end);
-  });
+  const int64_t parts = macs < kBlasWorkThreshold ? 1 : product_parts(macs, s.rows);
+  run_parts(
+      Phase::InputGradient, parts,
+      [&](int thread, int team) {
+        pack_share(packed, weight.data_ptr<T>(), /*k_stride=*/s.input_size, /*j_stride=*/1,
+                   thread, team);
+      },
+      [&](int64_t p) {
+        const auto [begin, end] = cpu::split_range(s.rows, 1, p, parts);
+        cpu::input_gradient_rows<T>(args, packed, dp, out, begin, end);
+      });
   return grad_input;
 }
 
@@ -384,31 +402,32 @@ std::vector<DirectionGradients> weight_gradients(const LayerArgs& args, const at
   const int64_t parts = product_parts(macs, H);
   // A few parts' worth of work runs on the calling thread: a team's start would be the bulk of a
   // latency-bound layer's weight gradient (T=1000, B=1, H=32: 1M multiply-adds).
-  cpu::run_team(macs >= 4 * kPartWork, [&](int thread, int team) {
-    cpu::mark_worker(Phase::WeightGradient, thread);
-    const auto [row_begin, row_end] = cpu::split_range(s.rows, 1, thread, team);
-    for (int64_t r = row_begin; r < row_end; ++r) cpu::pack_row(inputs, r, x + r * I);
-    const auto [step_begin, step_end] = cpu::split_range(s.steps, 1, thread, team);
-    for (const auto d : c10::irange(D))
-      pack_previous_states<T>(args, d, h0, out, previous[d], step_begin, step_end);
-    if (team > 1) cpu::team_barrier();
-    const auto [part_begin, part_end] = cpu::split_range(parts * D, 1, thread, team);
-    for (int64_t part = part_begin; part < part_end; ++part) {
-      const int64_t d = part / parts;
-      const auto [begin, end] = cpu::split_range(H, 1, part % parts, parts);
-      const int64_t n = end - begin;
-      const T* dp_t = dp + d * H + begin;  // dP_d's columns [begin, end), transposed
-      transposed_product<T>(n, dp_t, width, inputs, grads[d].weight_ih.data_ptr<T>() + begin * I, I);
-      transposed_product<T>(n, dp_t, width, previous[d],
-                            grads[d].weight_hh.data_ptr<T>() + begin * H, H);
-      if (s.has_bias) {
-        T* sums = grads[d].bias.data_ptr<T>() + begin;
-        std::fill(sums, sums + n, T(0));
-        for (const auto r : c10::irange(s.rows))
-          for (const auto j : c10::irange(n)) sums[j] += dp_t[r * width + j];
-      }
-    }
-  });
+  run_parts(
+      Phase::WeightGradient, parts * D,
+      [&](int thread, int team) {
+        const auto [row_begin, row_end] = cpu::split_range(s.rows, 1, thread, team);
+        for (int64_t r = row_begin; r < row_end; ++r) cpu::pack_row(inputs, r, x + r * I);
+        const auto [step_begin, step_end] = cpu::split_range(s.steps, 1, thread, team);
+        for (const auto d : c10::irange(D))
+          pack_previous_states<T>(args, d, h0, out, previous[d], step_begin, step_end);
+      },
+      [&](int64_t part) {
+        const int64_t d = part / parts;
+        const auto [begin, end] = cpu::split_range(H, 1, part % parts, parts);
+        const int64_t n = end - begin;
+        const T* dp_t = dp + d * H + begin;  // dP_d's columns [begin, end), transposed
+        transposed_product<T>(n, dp_t, width, inputs,
+                              grads[d].weight_ih.data_ptr<T>() + begin * I, I);
+        transposed_product<T>(n, dp_t, width, previous[d],
+                              grads[d].weight_hh.data_ptr<T>() + begin * H, H);
+        if (s.has_bias) {
+          T* sums = grads[d].bias.data_ptr<T>() + begin;
+          std::fill(sums, sums + n, T(0));
+          for (const auto r : c10::irange(s.rows))
+            for (const auto j : c10::irange(n)) sums[j] += dp_t[r * width + j];
+        }
+      },
+      /*use_team=*/macs >= 4 * kPartWork);
   return grads;
 }
 
