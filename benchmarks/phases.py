@@ -3,6 +3,7 @@ phase's fraction of the CPU's measured FMA peak (bench.py's probe).
 
     python benchmarks/phases.py
     python benchmarks/phases.py --configs "35,20,650,650,2;100,64,256,512,1" --threads 2 --repeats 9
+    python benchmarks/phases.py --dtype bfloat16     # fractions of the bf16 (vdpbf16ps) peak
 
 A config is T,B,I,H,layers[,bidir]; input time-major, h0 given, input without grad (as in
 bench.py). Each phase's time is the fastest of --repeats forward+backward calls: a neighbour's load
@@ -59,21 +60,24 @@ def main() -> int:
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    peak = fma_peaks(args.threads).get("fp32", {}).get(str(args.threads), 0.0)
+    dtype = getattr(torch, args.dtype)
+    kind = "bf16" if dtype == torch.bfloat16 else "fp32"
+    peak = fma_peaks(args.threads).get(kind, {}).get(str(args.threads), 0.0)
     print(
-        f"{rnn_ext._C.cpu_kernel()} kernels, {args.threads} threads, fp32 FMA peak {peak:.0f} GFLOP/s, "
-        f"load average {os.getloadavg()[0]:.1f}"
+        f"{rnn_ext._C.cpu_kernel()} kernels, {args.dtype}, {args.threads} threads, {kind} peak "
+        f"{peak:.0f} GFLOP/s, load average {os.getloadavg()[0]:.1f}"
     )
     for config in args.configs:
         seq_len, batch, inputs, hidden, layers = config[:5]
         bidirectional = "bidir" in config[5:]
         directions = 2 if bidirectional else 1
         torch.manual_seed(0)
-        model = rnn_ext.RNN(inputs, hidden, layers, bidirectional=bidirectional)
-        x = torch.randn(seq_len, batch, inputs)
-        h0 = torch.randn(layers * directions, batch, hidden)
+        model = rnn_ext.RNN(inputs, hidden, layers, bidirectional=bidirectional).to(dtype)
+        x = torch.randn(seq_len, batch, inputs, dtype=dtype)
+        h0 = torch.randn(layers * directions, batch, hidden, dtype=dtype)
         best = dict.fromkeys(PHASES, float("inf"))
         for _ in range(args.repeats + 1):  # the first call warms up and is dropped
             rnn_ext._C._cpu_phase_stats(True)

@@ -132,21 +132,32 @@ bool bf16_available() {
   return cpu_has && !std::getenv("RNN_EXT_NO_BF16") && !std::getenv("RNN_EXT_NO_AVX512");
 }
 
-void pack_bf16(PackedBf16& packed, const uint16_t* source, int64_t depth, int64_t width,
-               int64_t k_stride, int64_t j_stride) {
+void shape_bf16(PackedBf16& packed, int64_t depth, int64_t width) {
   packed.depth = depth;
   packed.pairs = (depth + 1) / 2;
   packed.width = width;
   packed.padded_width = (width + kBf16Panel - 1) / kBf16Panel * kBf16Panel;
-  packed.data.assign(static_cast<size_t>(packed.pairs * 2 * packed.padded_width), 0);
-  for (int64_t j0 = 0; j0 < width; j0 += kBf16Panel) {
+  packed.data.resize(static_cast<size_t>(packed.pairs * 2 * packed.padded_width));
+}
+
+void pack_bf16_columns(PackedBf16& packed, const uint16_t* source, int64_t k_stride,
+                       int64_t j_stride, int64_t column_begin, int64_t column_end) {
+  const int64_t depth = packed.depth, width = packed.width;
+  for (int64_t j0 = column_begin; j0 < std::min(column_end, width); j0 += kBf16Panel) {
     uint16_t* panel = packed.data.data() + j0 * 2 * packed.pairs;
     const int64_t columns = std::min(kBf16Panel, width - j0);
-    for (int64_t k = 0; k < depth; ++k)
-      for (int64_t jj = 0; jj < columns; ++jj)
-        panel[(k / 2) * 2 * kBf16Panel + jj * 2 + k % 2] =
-            source[k * k_stride + (j0 + jj) * j_stride];
+    for (int64_t k = 0; k < 2 * packed.pairs; ++k) {
+      uint16_t* row = panel + (k / 2) * 2 * kBf16Panel + k % 2;
+      for (int64_t jj = 0; jj < kBf16Panel; ++jj)
+        row[jj * 2] = k < depth && jj < columns ? source[k * k_stride + (j0 + jj) * j_stride] : 0;
+    }
   }
+}
+
+void pack_bf16(PackedBf16& packed, const uint16_t* source, int64_t depth, int64_t width,
+               int64_t k_stride, int64_t j_stride) {
+  shape_bf16(packed, depth, width);
+  pack_bf16_columns(packed, source, k_stride, j_stride, 0, width);
 }
 
 void row_matmul_bf16(int64_t rows, const uint16_t* const* a_rows, const PackedBf16& b,

@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "row_matmul.h"
+
 namespace rnn_ext {
 namespace cpu {
 
@@ -19,7 +21,7 @@ constexpr int64_t kBf16Panel = 16;
 // (k, j) is at data[((j / 16) * pairs + k / 2) * 32 + (j % 16) * 2 + k % 2]; the odd depth row
 // and columns past `width` are zero.
 struct PackedBf16 {
-  std::vector<uint16_t> data;
+  std::vector<uint16_t, UninitializedAllocator<uint16_t>> data;
   int64_t depth = 0;
   int64_t pairs = 0;  // ceil(depth / 2)
   int64_t width = 0;
@@ -30,7 +32,16 @@ struct PackedBf16 {
 // RNN_EXT_NO_AVX512 is set (read at each call): bfloat16 layers then take the bf16 kernels.
 bool bf16_available();
 
-// Packs source (bf16 bits; element (k, j) at source[k * k_stride + j * j_stride]) into B.
+// Sizes `packed` for a depth x width matrix without writing it: pack_bf16_columns fills it.
+void shape_bf16(PackedBf16& packed, int64_t depth, int64_t width);
+
+// Packs the panels of columns [column_begin, column_end) of source (bf16 bits; element (k, j) at
+// source[k * k_stride + j * j_stride]), their zeros included; column_begin a multiple of
+// kBf16Panel. Threads that pack different column ranges write different panels.
+void pack_bf16_columns(PackedBf16& packed, const uint16_t* source, int64_t k_stride,
+                       int64_t j_stride, int64_t column_begin, int64_t column_end);
+
+// Packs all of source into B.
 void pack_bf16(PackedBf16& packed, const uint16_t* source, int64_t depth, int64_t width,
                int64_t k_stride, int64_t j_stride);
 

@@ -94,8 +94,8 @@ void project_inputs(const LayerArgs& args, const at::Tensor& input_rows, float* 
   const ElmanShape& s = args.shape;
   const int64_t width = s.output_width(), I = s.input_size;
   const at::Tensor weight = stacked_input_weights(args);
-  PackedBf16 packed;  // element (k, j) = W_ih[j, k]
-  pack_bf16(packed, bits(weight), I, width, /*k_stride=*/1, /*j_stride=*/I);
+  PackedBf16 packed;  // element (k, j) = W_ih[j, k], each thread packing its share of panels
+  shape_bf16(packed, I, width);
   std::vector<float> bias;
   if (s.has_bias) {
     for (const auto& w : args.directions) {
@@ -108,9 +108,13 @@ void project_inputs(const LayerArgs& args, const at::Tensor& input_rows, float* 
   const int64_t a_stride = padded_depth(I);
   const bool parallel = s.rows * I * width >= kProjectionParallelThreshold;
   run_team(parallel, [&](int thread, int team) {
+    mark_worker(Phase::InputProjection, thread);
+    const auto [column_begin, column_end] = split_range(width, kBf16Panel, thread, team);
+    pack_bf16_columns(packed, bits(weight), /*k_stride=*/1, /*j_stride=*/I, column_begin,
+                      column_end);
+    if (team > 1) team_barrier();
     const auto [begin, end] = split_range(s.rows, 12, thread, team);
     if (begin >= end) return;
-    mark_worker(Phase::InputProjection, thread);
     std::vector<const uint16_t*> a_rows(end - begin);
     std::vector<float*> c_rows(end - begin);
     for (int64_t r = begin; r < end; ++r) {
@@ -321,11 +325,13 @@ std::tuple<at::Tensor, at::Tensor> elman_forward_bf16(const LayerArgs& args,
   project_inputs(args, input_rows, work.data());
 
   PhaseTimer timer(Phase::ForwardRecurrence);
-  std::vector<PackedBf16> packed(s.directions);  // element (k, j) = W_hh[j, k]
+  // element (k, j) = W_hh[j, k], packed by the thread whose steps read those panels
+  std::vector<PackedBf16> packed(s.directions);
+  std::vector<at::Tensor> weights_hh(s.directions);
   std::vector<std::vector<uint16_t>> states(s.directions);
   for (const auto d : c10::irange(s.directions)) {
-    const at::Tensor w = args.directions[d].weight_hh.contiguous();
-    pack_bf16(packed[d], bits(w), H, H, /*k_stride=*/1, /*j_stride=*/H);
+    weights_hh[d] = args.directions[d].weight_hh.contiguous();
+    shape_bf16(packed[d], H, H);
     states[d].assign(2 * s.batch * Hp, 0);
     for (const auto copy : c10::irange(2))
       for (const auto b : c10::irange(s.batch))
@@ -334,6 +340,8 @@ std::tuple<at::Tensor, at::Tensor> elman_forward_bf16(const LayerArgs& args,
   }
   run_directions(s, Phase::ForwardRecurrence,
                  [&](int64_t d, int64_t begin, int64_t end, bool in_team) {
+                   pack_bf16_columns(packed[d], bits(weights_hh[d]), /*k_stride=*/1,
+                                     /*j_stride=*/H, begin, end);
                    forward_recurrence(args, d, packed[d], states[d].data(), work.data(),
                                       mutable_bits(output), mutable_bits(h_n), begin, end, in_team);
                  });
@@ -362,10 +370,12 @@ BackwardResult elman_backward_bf16(const LayerArgs& args, const at::Tensor& grad
   std::vector<BackwardBuffers> buffers(D);
   {
     PhaseTimer timer(Phase::BackwardRecurrence);
-    std::vector<PackedBf16> packed(D);  // element (k, j) = W_hh[k, j]
+    // element (k, j) = W_hh[k, j], packed by the thread whose steps read those panels
+    std::vector<PackedBf16> packed(D);
+    std::vector<at::Tensor> weights_hh(D);
     for (const auto d : c10::irange(D)) {
-      const at::Tensor w = args.directions[d].weight_hh.contiguous();
-      pack_bf16(packed[d], bits(w), H, H, /*k_stride=*/H, /*j_stride=*/1);
+      weights_hh[d] = args.directions[d].weight_hh.contiguous();
+      shape_bf16(packed[d], H, H);
       buffers[d].carry.assign(s.batch * H, 0.0f);
       buffers[d].grad_pre.assign(s.batch * H, 0.0f);
       buffers[d].rounded.assign(2 * s.batch * Hp, 0);
@@ -374,6 +384,8 @@ BackwardResult elman_backward_bf16(const LayerArgs& args, const at::Tensor& grad
     }
     run_directions(s, Phase::BackwardRecurrence,
                    [&](int64_t d, int64_t begin, int64_t end, bool in_team) {
+                     pack_bf16_columns(packed[d], bits(weights_hh[d]), /*k_stride=*/H,
+                                       /*j_stride=*/1, begin, end);
                      backward_recurrence(args, d, packed[d], bits(grad_output_c), bits(grad_h_n_c),
                                          bits(output_c), mutable_bits(grad_pre), buffers[d], begin,
                                          end, in_team);

@@ -98,8 +98,7 @@ void run_parts(Phase phase, int64_t parts, const Pack& pack, const Part& part,
 template <typename T>
 void pack_share(PackedMatrix<T>& packed, const T* source, int64_t k_stride, int64_t j_stride,
                 int thread, int team) {
-  const auto [begin, end] =
-      cpu::split_range(packed.width, cpu::column_block<T>(), thread, team);
+  const auto [begin, end] = cpu::split_range(packed.width, cpu::column_block<T>(), thread, team);
   cpu::pack_columns(packed, source, k_stride, j_stride, begin, end);
 }
 
@@ -331,8 +330,8 @@ at::Tensor input_gradient(const LayerArgs& args, const at::Tensor& grad_pre) {
   run_parts(
       Phase::InputGradient, parts,
       [&](int thread, int team) {
-        pack_share(packed, weight.data_ptr<T>(), /*k_stride=*/s.input_size, /*j_stride=*/1,
-                   thread, team);
+        pack_share(packed, weight.data_ptr<T>(), /*k_stride=*/s.input_size, /*j_stride=*/1, thread,
+                   team);
       },
       [&](int64_t p) {
         const auto [begin, end] = cpu::split_range(s.rows, 1, p, parts);
@@ -416,8 +415,8 @@ std::vector<DirectionGradients> weight_gradients(const LayerArgs& args, const at
         const auto [begin, end] = cpu::split_range(H, 1, part % parts, parts);
         const int64_t n = end - begin;
         const T* dp_t = dp + d * H + begin;  // dP_d's columns [begin, end), transposed
-        transposed_product<T>(n, dp_t, width, inputs,
-                              grads[d].weight_ih.data_ptr<T>() + begin * I, I);
+        transposed_product<T>(n, dp_t, width, inputs, grads[d].weight_ih.data_ptr<T>() + begin * I,
+                              I);
         transposed_product<T>(n, dp_t, width, previous[d],
                               grads[d].weight_hh.data_ptr<T>() + begin * H, H);
         if (s.has_bias) {

@@ -178,9 +178,9 @@ RNN_EXT_INLINE void block_of_rows(int64_t rows, const A& a, const T* panel, int6
 // batch size falls to a narrow tail block (64 rows: 6 blocks of 11 or 10, not 5 of 12 and one of
 // 4). A fixed function of `rows`; each row's arithmetic is the same whatever block it falls in.
 template <typename T, int BYTES, int VECTORS, int MAX_ROWS, typename A>
-RNN_EXT_INLINE void strip(int64_t rows, const A& a_rows, const T* panel, int64_t depth,
-                          int64_t k0, int64_t k1, T* const* c_rows, int64_t column, int64_t width,
-                          bool add, Epilogue epilogue) {
+RNN_EXT_INLINE void strip(int64_t rows, const A& a_rows, const T* panel, int64_t depth, int64_t k0,
+                          int64_t k1, T* const* c_rows, int64_t column, int64_t width, bool add,
+                          Epilogue epilogue) {
   const int64_t blocks = (rows + MAX_ROWS - 1) / MAX_ROWS;
   const int64_t size = rows / blocks, larger = rows % blocks;
   int64_t r = 0;
@@ -312,8 +312,7 @@ namespace {
 // The build of the kernel for this CPU, for either view of A.
 template <typename T, typename A>
 void dispatch_matmul(int64_t rows, const A& a, const PackedMatrix<T>& b, T* const* c_rows,
-                     bool accumulate, int64_t column_begin, int64_t column_end,
-                     Epilogue epilogue) {
+                     bool accumulate, int64_t column_begin, int64_t column_end, Epilogue epilogue) {
   column_end = std::min(column_end, b.width);
   if (rows <= 0 || column_begin >= column_end) return;
   if (cpu_has_avx512()) {
@@ -330,8 +329,8 @@ void dispatch_matmul(int64_t rows, const A& a, const PackedMatrix<T>& b, T* cons
 template <typename T>
 void row_matmul(int64_t rows, const T* const* a_rows, const PackedMatrix<T>& b, T* const* c_rows,
                 bool accumulate, int64_t column_begin, int64_t column_end, Epilogue epilogue) {
-  dispatch_matmul<T>(rows, RowPointers<T>{a_rows}, b, c_rows, accumulate, column_begin,
-                     column_end, epilogue);
+  dispatch_matmul<T>(rows, RowPointers<T>{a_rows}, b, c_rows, accumulate, column_begin, column_end,
+                     epilogue);
 }
 
 template <typename T>
