@@ -87,7 +87,8 @@ def build_variant():
 def cxx_and_link_flags():
     # -fopenmp, compile and link, in every variant: at::parallel_for is an inline template whose
     # `#pragma omp parallel` is compiled into our objects, and without the flag it runs serially.
-    # -Wno-psabi: the 32-byte vector types live only inside row_matmul.cpp, never across its ABI.
+    # -Wno-psabi: the vector types of vector_math.h live only inside the kernel files, never across
+    # their ABI.
     cxx = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-Wno-psabi", "-fopenmp"]
     link = ["-fopenmp"]
     # The variants append: a later -O wins, and everything else in the base flags stays.

@@ -8,13 +8,35 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "vector_math.h"
+
 #define RNN_EXT_BF16_TARGET \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
-#define RNN_EXT_INLINE inline __attribute__((always_inline))
 
 namespace rnn_ext {
 namespace cpu {
 namespace {
+
+// What the last depth slice of a recurrence step does with its float32 sums: the activation, one
+// rounding to bf16, and a store of the rounded value to the state row and the output row. Inactive
+// (state null): the sums are stored to C in float32.
+struct StepFinish {
+  Epilogue epilogue = Epilogue::None;
+  uint16_t* const* state = nullptr;
+  uint16_t* const* output = nullptr;
+  StepFinish from(int64_t r) const {
+    return state == nullptr ? StepFinish{} : StepFinish{epilogue, state + r, output + r};
+  }
+};
+
+// tanh (tanh_inplace's function: the same bits as a separate pass) or relu, NaN kept.
+RNN_EXT_BF16_TARGET RNN_EXT_INLINE __m512 activate_vector(__m512 value, Epilogue epilogue) {
+  using F = vec_t<float, 64>;
+  const F x = (F)value;
+  if (epilogue == Epilogue::Tanh) return (__m512)tanh_vector<64>(x);
+  if (epilogue == Epilogue::Relu) return (__m512)(x < 0.0f ? F{} : x);
+  return value;
+}
 
 // ROWS rows times VECTORS panels of B over the depth pairs [p0, p1): ROWS * VECTORS accumulators
 // of 16 float32 in registers. Per pair, one 32-bit broadcast of a row's two bf16 values meets one
@@ -23,8 +45,8 @@ template <int ROWS, int VECTORS>
 RNN_EXT_BF16_TARGET RNN_EXT_INLINE void block_kernel(const uint16_t* const* a,
                                                      const uint16_t* panel, int64_t pairs,
                                                      int64_t p0, int64_t p1, float* const* c,
-                                                     int64_t column, int64_t width,
-                                                     bool accumulate) {
+                                                     int64_t column, int64_t width, bool accumulate,
+                                                     const StepFinish& finish) {
   __m512 acc[ROWS][VECTORS];
   for (int r = 0; r < ROWS; ++r)
     for (int v = 0; v < VECTORS; ++v) acc[r][v] = _mm512_setzero_ps();
@@ -45,47 +67,65 @@ RNN_EXT_BF16_TARGET RNN_EXT_INLINE void block_kernel(const uint16_t* const* a,
     const int64_t valid = std::min<int64_t>(kBf16Panel, width - column - v * kBf16Panel);
     if (valid <= 0) break;
     const __mmask16 mask = valid == kBf16Panel ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1);
+    const int64_t j = column + v * kBf16Panel;
     for (int r = 0; r < ROWS; ++r) {
-      float* out = c[r] + column + v * kBf16Panel;
       __m512 value = acc[r][v];
-      if (accumulate) value = _mm512_add_ps(value, _mm512_maskz_loadu_ps(mask, out));
-      _mm512_mask_storeu_ps(out, mask, value);
+      if (accumulate) value = _mm512_add_ps(value, _mm512_maskz_loadu_ps(mask, c[r] + j));
+      if (finish.state == nullptr) {
+        _mm512_mask_storeu_ps(c[r] + j, mask, value);
+      } else {
+        const __m256i rounded =
+            (__m256i)_mm512_cvtneps_pbh(activate_vector(value, finish.epilogue));
+        _mm256_mask_storeu_epi16(finish.state[r] + j, mask, rounded);
+        _mm256_mask_storeu_epi16(finish.output[r] + j, mask, rounded);
+      }
     }
   }
 }
 
-// Rows [r, end) of one strip of VECTORS panels: blocks of 12 rows, then 8, 4, 2, 1 (each row's
-// arithmetic is the same in any block).
+// block_kernel for a block of `rows` rows, 1 <= rows <= MAX_ROWS, chosen at run time.
+template <int VECTORS, int MAX_ROWS>
+RNN_EXT_BF16_TARGET RNN_EXT_INLINE void block_of_rows(int64_t rows, const uint16_t* const* a,
+                                                      const uint16_t* panel, int64_t pairs,
+                                                      int64_t p0, int64_t p1, float* const* c,
+                                                      int64_t column, int64_t width, bool add,
+                                                      const StepFinish& finish) {
+  if constexpr (MAX_ROWS > 1) {
+    if (rows < MAX_ROWS)
+      return block_of_rows<VECTORS, MAX_ROWS - 1>(rows, a, panel, pairs, p0, p1, c, column, width,
+                                                  add, finish);
+  }
+  block_kernel<MAX_ROWS, VECTORS>(a, panel, pairs, p0, p1, c, column, width, add, finish);
+}
+
+// The `rows` rows of one strip of VECTORS panels, cut as the float32 kernel cuts them: the fewest
+// blocks of at most 12 rows, as even as possible (64 rows: 11, 11, 11, 11, 10, 10), so no batch
+// size falls to a narrow tail block. Each row's arithmetic is the same in any block.
 template <int VECTORS>
-RNN_EXT_BF16_TARGET RNN_EXT_INLINE void strip(const uint16_t* const* a, const uint16_t* panel,
-                                              int64_t pairs, int64_t p0, int64_t p1,
-                                              float* const* c, int64_t column, int64_t width,
-                                              bool add, int64_t r, int64_t end) {
-  for (; r + 12 <= end; r += 12)
-    block_kernel<12, VECTORS>(a + r, panel, pairs, p0, p1, c + r, column, width, add);
-  if (end - r >= 8) {
-    block_kernel<8, VECTORS>(a + r, panel, pairs, p0, p1, c + r, column, width, add);
-    r += 8;
+RNN_EXT_BF16_TARGET RNN_EXT_INLINE void strip(int64_t rows, const uint16_t* const* a,
+                                              const uint16_t* panel, int64_t pairs, int64_t p0,
+                                              int64_t p1, float* const* c, int64_t column,
+                                              int64_t width, bool add, const StepFinish& finish) {
+  constexpr int64_t kMaxRows = 12;
+  const int64_t blocks = (rows + kMaxRows - 1) / kMaxRows;
+  const int64_t size = rows / blocks, larger = rows % blocks;
+  int64_t r = 0;
+  for (int64_t i = 0; i < blocks; ++i) {
+    const int64_t n = size + (i < larger ? 1 : 0);
+    block_of_rows<VECTORS, kMaxRows>(n, a + r, panel, pairs, p0, p1, c + r, column, width, add,
+                                     finish.from(r));
+    r += n;
   }
-  if (end - r >= 4) {
-    block_kernel<4, VECTORS>(a + r, panel, pairs, p0, p1, c + r, column, width, add);
-    r += 4;
-  }
-  if (end - r >= 2) {
-    block_kernel<2, VECTORS>(a + r, panel, pairs, p0, p1, c + r, column, width, add);
-    r += 2;
-  }
-  if (end - r == 1)
-    block_kernel<1, VECTORS>(a + r, panel, pairs, p0, p1, c + r, column, width, add);
 }
 
 RNN_EXT_BF16_TARGET void row_matmul_bf16_avx512(int64_t rows, const uint16_t* const* a_rows,
                                                 const PackedBf16& b, float* const* c_rows,
                                                 bool accumulate, int64_t column_begin,
-                                                int64_t column_end) {
+                                                int64_t column_end, const StepFinish& finish) {
   // Cache blocking as in the float32 kernel: a depth slice of 128 pairs (a two-panel strip of it
   // is 16 KiB, resident in L1 while the rows stream past), a chunk of 60 rows (its A slice, 30 KiB,
-  // in L2), then the strips. Slices after the first accumulate into C in float32.
+  // in L2), then the strips. Slices after the first accumulate into C in float32; the last one
+  // applies `finish`.
   constexpr int64_t kDepthPairs = 128;
   constexpr int64_t kRowChunk = 60;
   constexpr int64_t strip_columns = 2 * kBf16Panel;
@@ -93,14 +133,20 @@ RNN_EXT_BF16_TARGET void row_matmul_bf16_avx512(int64_t rows, const uint16_t* co
   for (int64_t p0 = 0; p0 < std::max<int64_t>(pairs, 1); p0 += kDepthPairs) {
     const int64_t p1 = std::min(pairs, p0 + kDepthPairs);
     const bool add = accumulate || p0 > 0;
-    for (int64_t chunk = 0; chunk < rows; chunk += kRowChunk) {
-      const int64_t chunk_end = std::min(rows, chunk + kRowChunk);
+    const StepFinish last = p1 >= pairs ? finish : StepFinish{};
+    const int64_t chunks = (rows + kRowChunk - 1) / kRowChunk;
+    for (int64_t i = 0; i < chunks; ++i) {
+      // Chunks as even as the blocks inside them: 64 rows are two chunks of 32.
+      const int64_t chunk = rows * i / chunks, chunk_rows = rows * (i + 1) / chunks - chunk;
+      const uint16_t* const* a = a_rows + chunk;
+      float* const* c = c_rows + chunk;
+      const StepFinish chunk_finish = last.from(chunk);
       for (int64_t column = column_begin; column < column_end; column += strip_columns) {
         const uint16_t* panel = b.data.data() + column * 2 * pairs;
         if (column + kBf16Panel >= b.padded_width) {
-          strip<1>(a_rows, panel, pairs, p0, p1, c_rows, column, column_end, add, chunk, chunk_end);
+          strip<1>(chunk_rows, a, panel, pairs, p0, p1, c, column, column_end, add, chunk_finish);
         } else {
-          strip<2>(a_rows, panel, pairs, p0, p1, c_rows, column, column_end, add, chunk, chunk_end);
+          strip<2>(chunk_rows, a, panel, pairs, p0, p1, c, column, column_end, add, chunk_finish);
         }
       }
     }
@@ -117,6 +163,36 @@ RNN_EXT_BF16_TARGET void round_to_bf16_avx512(const float* src, uint16_t* dst, i
     const __mmask16 mask = __mmask16((1u << (count - i)) - 1);
     const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, src + i));
     _mm256_mask_storeu_epi16(dst + i, mask, (__m256i)rounded);
+  }
+}
+
+// 16 bf16 values (those `mask` selects; the others 0) widened to float32: the bits shifted up.
+RNN_EXT_BF16_TARGET RNN_EXT_INLINE __m512 widen16(__mmask16 mask, const uint16_t* source) {
+  // The zero-masking forms: GCC 12's plain ones pass an undefined vector, which -O3 warns about.
+  const __m256i half = _mm256_maskz_loadu_epi16(mask, source);
+  const __m512i words = _mm512_maskz_cvtepu16_epi32(__mmask16(0xFFFF), half);
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(__mmask16(0xFFFF), words, 16));
+}
+
+RNN_EXT_BF16_TARGET void step_gradient_bf16_avx512(int64_t count, const float* dh,
+                                                   const uint16_t* grad_output,
+                                                   const uint16_t* output, Epilogue activation,
+                                                   float* bias, uint16_t* rounded,
+                                                   uint16_t* grad_pre) {
+  using F = vec_t<float, 64>;
+  for (int64_t j = 0; j < count; j += kBf16Panel) {
+    const int64_t n = std::min<int64_t>(kBf16Panel, count - j);
+    const __mmask16 mask = n == kBf16Panel ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+    const F g =
+        (F)_mm512_add_ps(_mm512_maskz_loadu_ps(mask, dh + j), widen16(mask, grad_output + j));
+    const F y = (F)widen16(mask, output + j);
+    // activation_backward (elman.h), 16 lanes at a time.
+    const F d = activation == Epilogue::Relu ? (y <= 0.0f ? F{} : g) : g * (1.0f - y * y);
+    _mm512_mask_storeu_ps(bias + j, mask,
+                          _mm512_add_ps(_mm512_maskz_loadu_ps(mask, bias + j), (__m512)d));
+    const __m256i bits16 = (__m256i)_mm512_cvtneps_pbh((__m512)d);
+    _mm256_mask_storeu_epi16(rounded + j, mask, bits16);
+    _mm256_mask_storeu_epi16(grad_pre + j, mask, bits16);
   }
 }
 
@@ -165,7 +241,24 @@ void row_matmul_bf16(int64_t rows, const uint16_t* const* a_rows, const PackedBf
                      int64_t column_end) {
   column_end = std::min(column_end, b.width);
   if (rows <= 0 || column_begin >= column_end) return;
-  row_matmul_bf16_avx512(rows, a_rows, b, c_rows, accumulate, column_begin, column_end);
+  row_matmul_bf16_avx512(rows, a_rows, b, c_rows, accumulate, column_begin, column_end,
+                         StepFinish{});
+}
+
+void step_bf16(int64_t rows, const uint16_t* const* a_rows, const PackedBf16& b,
+               float* const* pre_rows, Epilogue epilogue, uint16_t* const* state_rows,
+               uint16_t* const* output_rows, int64_t column_begin, int64_t column_end) {
+  column_end = std::min(column_end, b.width);
+  if (rows <= 0 || column_begin >= column_end) return;
+  row_matmul_bf16_avx512(rows, a_rows, b, pre_rows, /*accumulate=*/true, column_begin, column_end,
+                         StepFinish{epilogue, state_rows, output_rows});
+}
+
+void step_gradient_bf16(int64_t count, const float* dh, const uint16_t* grad_output,
+                        const uint16_t* output, Epilogue activation, float* bias, uint16_t* rounded,
+                        uint16_t* grad_pre) {
+  if (count > 0)
+    step_gradient_bf16_avx512(count, dh, grad_output, output, activation, bias, rounded, grad_pre);
 }
 
 void round_to_bf16(const float* src, uint16_t* dst, int64_t count) {

@@ -55,6 +55,23 @@ void row_matmul_bf16(int64_t rows, const uint16_t* const* a_rows, const PackedBf
                      float* const* c_rows, bool accumulate, int64_t column_begin = 0,
                      int64_t column_end = INT64_MAX);
 
+// One step of the bf16 forward recurrence on columns [column_begin, column_end) (column_begin a
+// multiple of kBf16Panel): h = f(pre_rows[r][j] + a_rows[r] . B[:, j]) in float32, f the epilogue,
+// rounded to bf16 once and stored to state_rows[r][j] and output_rows[r][j]. The float32 result
+// itself is not stored (pre_rows keeps a depth slice's partial sums where the depth takes more than
+// one). The same bits as row_matmul_bf16 with accumulate, tanh_inplace or relu, then round_to_bf16.
+void step_bf16(int64_t rows, const uint16_t* const* a_rows, const PackedBf16& b,
+               float* const* pre_rows, Epilogue epilogue, uint16_t* const* state_rows,
+               uint16_t* const* output_rows, int64_t column_begin, int64_t column_end);
+
+// The elementwise part of a bf16 backward step, on `count` units of one row: dP =
+// activation_backward(dh + grad_output, output) in float32 (grad_output and output in bf16, f the
+// activation's epilogue: Tanh or Relu), added to bias in float32, rounded to bf16 once and stored
+// to both `rounded` and `grad_pre`.
+void step_gradient_bf16(int64_t count, const float* dh, const uint16_t* grad_output,
+                        const uint16_t* output, Epilogue activation, float* bias, uint16_t* rounded,
+                        uint16_t* grad_pre);
+
 // dst[i] = bf16(src[i]), rounded to nearest even (vcvtneps2bf16: denormals become zero). Requires
 // bf16_available().
 void round_to_bf16(const float* src, uint16_t* dst, int64_t count);

@@ -126,14 +126,6 @@ void project_inputs(const LayerArgs& args, const at::Tensor& input_rows, float* 
   });
 }
 
-void apply_activation(float* values, int64_t count, Activation activation) {
-  if (activation == Activation::Tanh) {
-    tanh_inplace(values, count);
-  } else {
-    for (int64_t i = 0; i < count; ++i) values[i] = activate(values[i], Activation::Relu);
-  }
-}
-
 // Columns [column_begin, column_end) of every step of direction d. `states` holds two [B, Hp]
 // bf16 buffers, both starting as h0: step number `position` reads buffer (position + 1) % 2 and
 // writes buffer position % 2, so threads writing this step never touch what another still reads.
@@ -146,8 +138,10 @@ void forward_recurrence(const LayerArgs& args, int64_t d, const PackedBf16& weig
   const bool reverse = d == 1;
   const StepLayout layout = step_layout(args);
   const int64_t columns = column_end - column_begin;
+  const Epilogue epilogue = s.activation == Activation::Tanh ? Epilogue::Tanh : Epilogue::Relu;
   std::vector<const uint16_t*> previous(s.batch);
   std::vector<float*> current(s.batch);
+  std::vector<uint16_t*> state_rows(s.batch), output_rows(s.batch);
   for (const auto position : c10::irange(s.steps)) {
     const int64_t t = step_of_position(position, s.steps, reverse, /*backward=*/false);
     const int64_t rows = layout.size(t);
@@ -155,21 +149,19 @@ void forward_recurrence(const LayerArgs& args, int64_t d, const PackedBf16& weig
     uint16_t* write = states + (position % 2) * s.batch * Hp;
     if (columns > 0) {
       for (const auto b : c10::irange(rows)) {
+        const int64_t index = output_index(layout.row(t, b), d, 0, H, D);
         previous[b] = read + b * Hp;
-        current[b] = work + output_index(layout.row(t, b), d, 0, H, D);
+        current[b] = work + index;
+        state_rows[b] = write + b * Hp;
+        output_rows[b] = output + index;
       }
-      row_matmul_bf16(rows, previous.data(), weight, current.data(), /*accumulate=*/true,
-                      column_begin, column_end);
+      // h_t = act(pre + h_{t-1} W_hh^T), rounded once, into the state and the output.
+      step_bf16(rows, previous.data(), weight, current.data(), epilogue, state_rows.data(),
+                output_rows.data(), column_begin, column_end);
       for (const auto b : c10::irange(rows)) {
-        float* h = current[b] + column_begin;
-        apply_activation(h, columns, s.activation);
-        uint16_t* rounded = write + b * Hp + column_begin;
-        round_to_bf16(h, rounded, columns);
-        std::memcpy(output + output_index(layout.row(t, b), d, column_begin, H, D), rounded,
-                    columns * sizeof(uint16_t));
         if (layout.writes_final_state(t, b, reverse))
-          std::memcpy(h_n + state_index(d, b, column_begin, s.batch, H), rounded,
-                      columns * sizeof(uint16_t));
+          std::memcpy(h_n + state_index(d, b, column_begin, s.batch, H),
+                      state_rows[b] + column_begin, columns * sizeof(uint16_t));
       }
     }
     if (in_team) team_barrier();
@@ -179,7 +171,6 @@ void forward_recurrence(const LayerArgs& args, int64_t d, const PackedBf16& weig
 // Per-direction buffers of the reverse loop.
 struct BackwardBuffers {
   std::vector<float> carry;       // [B, H] dL/dh of the step being processed, float32
-  std::vector<float> grad_pre;    // [B, H] this step's dP, float32
   std::vector<uint16_t> rounded;  // [2, B, Hp] this step's dP in bf16, alternating as in forward
   std::vector<float> grad_h0;     // [B, H]
   std::vector<float> bias;        // [H] column sums of dP
@@ -197,6 +188,7 @@ void backward_recurrence(const LayerArgs& args, int64_t d, const PackedBf16& wei
   const bool reverse = d == 1;
   const StepLayout layout = step_layout(args);
   const int64_t columns = column_end - column_begin;
+  const Epilogue epilogue = s.activation == Activation::Tanh ? Epilogue::Tanh : Epilogue::Relu;
   std::vector<const uint16_t*> dp_rows(s.batch);
   std::vector<float*> targets(s.batch);
   for (const auto position : c10::irange(s.steps)) {
@@ -205,21 +197,16 @@ void backward_recurrence(const LayerArgs& args, int64_t d, const PackedBf16& wei
     uint16_t* rounded = buffers.rounded.data() + (position % 2) * s.batch * Hp;
     for (const auto b : c10::irange(rows)) {
       float* dh = buffers.carry.data() + b * H;
-      float* dp = buffers.grad_pre.data() + b * H;
       const int64_t index = output_index(layout.row(t, b), d, 0, H, D);
       if (columns > 0) {
         if (layout.writes_final_state(t, b, reverse)) {
           const uint16_t* g = grad_h_n + state_index(d, b, 0, s.batch, H);
           for (int64_t j = column_begin; j < column_end; ++j) dh[j] = widen(g[j]);
         }
-        for (int64_t j = column_begin; j < column_end; ++j) {
-          dp[j] = activation_backward(dh[j] + widen(grad_output[index + j]),
-                                      widen(output[index + j]), s.activation);
-          buffers.bias[j] += dp[j];
-        }
-        round_to_bf16(dp + column_begin, rounded + b * Hp + column_begin, columns);
-        std::memcpy(grad_pre + index + column_begin, rounded + b * Hp + column_begin,
-                    columns * sizeof(uint16_t));
+        step_gradient_bf16(columns, dh + column_begin, grad_output + index + column_begin,
+                           output + index + column_begin, epilogue,
+                           buffers.bias.data() + column_begin, rounded + b * Hp + column_begin,
+                           grad_pre + index + column_begin);
       }
       dp_rows[b] = rounded + b * Hp;
       targets[b] = layout.reads_initial_state(t, b, reverse) ? buffers.grad_h0.data() + b * H : dh;
@@ -377,7 +364,6 @@ BackwardResult elman_backward_bf16(const LayerArgs& args, const at::Tensor& grad
       weights_hh[d] = args.directions[d].weight_hh.contiguous();
       shape_bf16(packed[d], H, H);
       buffers[d].carry.assign(s.batch * H, 0.0f);
-      buffers[d].grad_pre.assign(s.batch * H, 0.0f);
       buffers[d].rounded.assign(2 * s.batch * Hp, 0);
       buffers[d].grad_h0.assign(s.batch * H, 0.0f);
       buffers[d].bias.assign(H, 0.0f);

@@ -30,35 +30,13 @@
 #include "row_matmul.h"
 #include "team.h"
 
-// MKL's per-thread thread count (the C entry point behind mkl_set_num_threads_local), when
-// torch's BLAS is MKL: the x86-64 wheels export it. libgomp
-// allows nested teams, so without it a BLAS call inside one of our teams may start its own team
-// and split its sum differently from a one-thread call.
-extern "C" int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
-
 namespace rnn_ext {
 namespace {
 
 using cpu::PackedMatrix;
 
-// Keeps BLAS calls on the calling thread for the scope.
-class SequentialBlas {
- public:
-  SequentialBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
-  ~SequentialBlas() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
-  }
-  SequentialBlas(const SequentialBlas&) = delete;
-  SequentialBlas& operator=(const SequentialBlas&) = delete;
-
- private:
-  int previous_;
-};
 using cpu::Phase;
 
-// Products below this many multiply-adds use the packed kernel on the calling thread: a BLAS call
-// through the dispatcher costs microseconds, which the seed-sized layers would notice.
-constexpr int64_t kBlasWorkThreshold = 1 << 16;
 // Multiply-adds per part of a large product, and the most parts: enough parts to balance two to
 // eight threads, each large enough (about 10 us) to repay its share of starting a team.
 constexpr int64_t kPartWork = 1 << 19;
@@ -71,7 +49,7 @@ constexpr int64_t kStepParallelThreshold = 1 << 20;
 constexpr int64_t kColumnUnit(int64_t block) { return 2 * block; }
 
 // The number of parts of a product over `extent` splittable rows (or columns) with `macs`
-// multiply-adds: a function of the shape alone.
+// multiply-adds: a function of the shape alone; one part (the calling thread) below kPartWork.
 int64_t product_parts(int64_t macs, int64_t extent) {
   return std::max<int64_t>(1, std::min({macs / kPartWork, kMaxParts, extent}));
 }
@@ -82,10 +60,9 @@ int64_t product_parts(int64_t macs, int64_t extent) {
 template <typename Pack, typename Part>
 void run_parts(Phase phase, int64_t parts, const Pack& pack, const Part& part,
                bool use_team = true) {
+  // Packing and parts touch raw memory only (no ATen call, no BLAS): nothing in them depends on a
+  // worker thread's dispatch state or on a BLAS library's own threads.
   cpu::run_team(use_team && parts > 1, [&](int thread, int team) {
-    // Worker threads start with the default dispatch state; this kernel runs below autograd.
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    SequentialBlas sequential;
     cpu::mark_worker(phase, thread);
     pack(thread, team);
     if (team > 1) cpu::team_barrier();
@@ -156,7 +133,7 @@ void project_inputs(const LayerArgs& args, const at::Tensor& input_rows, at::Ten
   const T* in = input_rows.data_ptr<T>();
   T* out = output_rows.data_ptr<T>();
   const int64_t macs = s.rows * s.input_size * s.output_width();
-  const int64_t parts = macs < kBlasWorkThreshold ? 1 : product_parts(macs, s.rows);
+  const int64_t parts = product_parts(macs, s.rows);
   run_parts(
       Phase::InputProjection, parts,
       [&](int thread, int team) {
@@ -326,7 +303,7 @@ at::Tensor input_gradient(const LayerArgs& args, const at::Tensor& grad_pre) {
   const T* dp = grad_pre.data_ptr<T>();
   T* out = grad_input.data_ptr<T>();
   const int64_t macs = s.rows * s.output_width() * s.input_size;
-  const int64_t parts = macs < kBlasWorkThreshold ? 1 : product_parts(macs, s.rows);
+  const int64_t parts = product_parts(macs, s.rows);
   run_parts(
       Phase::InputGradient, parts,
       [&](int thread, int team) {
