@@ -275,11 +275,11 @@ void backward_recurrence(const LayerArgs& args, int64_t direction, const PackedM
       if (columns > 0) {
         if (layout.writes_final_state(t, b, reverse))
           std::memcpy(dh + column_begin, grad_final + b * H + column_begin, columns * sizeof(T));
-        const T* y = output + index;
-        const T* g = grad_output + index;
-        T* dp = grad_pre + index;
-        for (int64_t j = column_begin; j < column_end; ++j)
-          dp[j] = activation_backward(dh[j] + g[j], y[j], s.activation);
+        cpu::step_gradient<T>(
+            columns, dh + column_begin, grad_output + index + column_begin,
+            output + index + column_begin,
+            s.activation == Activation::Tanh ? cpu::Epilogue::Tanh : cpu::Epilogue::Relu,
+            grad_pre + index + column_begin);
       }
       grad_rows[b] = grad_pre + index;
       targets[b] = layout.reads_initial_state(t, b, reverse) ? grad_h0 + b * H : dh;

@@ -225,6 +225,44 @@ __attribute__((target("avx,fma"))) void tanh_avx(float* values, int64_t count) {
 
 void tanh_baseline(float* values, int64_t count) { tanh_body(values, count); }
 
+// dp = activation_backward(dh + grad, y) (elman.h) on `count` floats, BYTES at a time; the tail
+// through a zero-padded vector.
+template <int BYTES>
+RNN_EXT_INLINE void step_gradient_body(int64_t count, const float* dh, const float* grad,
+                                       const float* y, Epilogue activation, float* dp) {
+  using F = vec_t<float, BYTES>;
+  constexpr int64_t lanes = Vector<float, BYTES>::lanes;
+  const auto one = [&](const float* h, const float* g, const float* out) {
+    const F d = load<float, BYTES>(h) + load<float, BYTES>(g);
+    const F v = load<float, BYTES>(out);
+    return activation == Epilogue::Relu ? (v <= 0.0f ? F{} : d) : d * (1.0f - v * v);
+  };
+  int64_t j = 0;
+  for (; j + lanes <= count; j += lanes) store<float, BYTES>(dp + j, one(dh + j, grad + j, y + j));
+  if (j < count) {
+    float tail[3][lanes] = {};
+    const size_t bytes = (count - j) * sizeof(float);
+    std::memcpy(tail[0], dh + j, bytes);
+    std::memcpy(tail[1], grad + j, bytes);
+    std::memcpy(tail[2], y + j, bytes);
+    float result[lanes];
+    store<float, BYTES>(result, one(tail[0], tail[1], tail[2]));
+    std::memcpy(dp + j, result, bytes);
+  }
+}
+
+__attribute__((target("avx512f,avx512vl,avx512dq,fma"))) void step_gradient_avx512(
+    int64_t count, const float* dh, const float* grad, const float* y, Epilogue activation,
+    float* dp) {
+  step_gradient_body<64>(count, dh, grad, y, activation, dp);
+}
+
+__attribute__((target("avx,fma"))) void step_gradient_avx(int64_t count, const float* dh,
+                                                          const float* grad, const float* y,
+                                                          Epilogue activation, float* dp) {
+  step_gradient_body<32>(count, dh, grad, y, activation, dp);
+}
+
 bool cpu_has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma") &&
@@ -284,6 +322,31 @@ void tanh_inplace<float>(float* values, int64_t count) {
     tanh_avx(values, count);
   } else {
     tanh_baseline(values, count);
+  }
+}
+
+template <>
+void step_gradient<float>(int64_t count, const float* dh, const float* grad, const float* y,
+                          Epilogue activation, float* dp) {
+  if (cpu_has_avx512()) {
+    step_gradient_avx512(count, dh, grad, y, activation, dp);
+  } else if (cpu_has_avx_fma()) {
+    step_gradient_avx(count, dh, grad, y, activation, dp);
+  } else {
+    for (int64_t j = 0; j < count; ++j) {
+      const float d = dh[j] + grad[j];
+      dp[j] = activation == Epilogue::Relu ? (y[j] <= 0.0f ? 0.0f : d) : d * (1.0f - y[j] * y[j]);
+    }
+  }
+}
+
+// float64 is the reference-precision path: one element at a time.
+template <>
+void step_gradient<double>(int64_t count, const double* dh, const double* grad, const double* y,
+                           Epilogue activation, double* dp) {
+  for (int64_t j = 0; j < count; ++j) {
+    const double d = dh[j] + grad[j];
+    dp[j] = activation == Epilogue::Relu ? (y[j] <= 0.0 ? 0.0 : d) : d * (1.0 - y[j] * y[j]);
   }
 }
 
