@@ -250,3 +250,50 @@ def test_bf16_sine_to_cosine_training_converges(seed, kernel_path):
     assert all(math.isfinite(loss) for loss in bf16)
     assert _mean(bf16[-20:]) < 0.25 * _mean(bf16[:20])
     assert _mean(bf16[-20:]) < 10 * _mean(float32[-20:])
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        (12, 48, 64, 256, 1, False, "tanh"),  # steps split by columns over the team
+        (9, 20, 40, 70, 2, True, "relu"),  # directions side by side, a partial panel
+        (30, 64, 96, 130, 1, False, "tanh"),  # parallel projection, 64-row blocks, odd panels
+    ],
+)
+def test_bf16_kernel_bits_do_not_depend_on_the_thread_count(config, monkeypatch):
+    """The bf16 kernels (forward step with its fused activation and rounding, the backward step,
+    the kernel's products) give the same bits on 1, 2 and 3 threads. The products after the
+    backward loop are held to the kernel (RNN_EXT_BF16_GEMM=kernel): above 1M multiply-adds they
+    otherwise go to oneDNN, whose own bits are oneDNN's business."""
+    if not HAS_BF16_KERNELS:
+        pytest.skip("the CPU has no avx512_bf16")
+    monkeypatch.delenv("RNN_EXT_NO_BF16", raising=False)
+    monkeypatch.setenv("RNN_EXT_BF16_GEMM", "kernel")
+    steps, batch, input_size, hidden, layers, bidirectional, nonlinearity = config
+    torch.manual_seed(5)
+    module = rnn_ext.RNN(
+        input_size, hidden, layers, bidirectional=bidirectional, nonlinearity=nonlinearity
+    ).to(torch.bfloat16)
+    directions = 2 if bidirectional else 1
+    x = torch.randn(steps, batch, input_size).to(torch.bfloat16)
+    h0 = (0.5 * torch.randn(layers * directions, batch, hidden)).to(torch.bfloat16)
+    grad_out = torch.randn(steps, batch, directions * hidden).to(torch.bfloat16)
+    grad_h_n = torch.randn(layers * directions, batch, hidden).to(torch.bfloat16)
+
+    def run():
+        xi, hi = x.clone().requires_grad_(), h0.clone().requires_grad_()
+        out, h_n = module(xi, hi)
+        grads = torch.autograd.grad([out, h_n], [xi, hi, *module.parameters()], [grad_out, grad_h_n])
+        return [out.detach(), h_n.detach(), *grads]
+
+    before = torch.get_num_threads()
+    try:
+        results = {}
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results[threads] = run()
+    finally:
+        torch.set_num_threads(before)
+    for threads in (2, 3):
+        for want, got in zip(results[1], results[threads]):
+            assert torch.equal(want, got), threads
