@@ -107,10 +107,11 @@ void project_inputs(const LayerArgs& args, const at::Tensor& input_rows, float* 
   const at::Tensor a = I % 2 ? at::constant_pad_nd(input_rows, {0, 1}).contiguous() : input_rows;
   const int64_t a_stride = padded_depth(I);
   const bool parallel = s.rows * I * width >= kProjectionParallelThreshold;
+  const uint16_t* weight_bits = bits(weight);  // read here: nothing may throw inside the team
   run_team(parallel, [&](int thread, int team) {
     mark_worker(Phase::InputProjection, thread);
     const auto [column_begin, column_end] = split_range(width, kBf16Panel, thread, team);
-    pack_bf16_columns(packed, bits(weight), /*k_stride=*/1, /*j_stride=*/I, column_begin,
+    pack_bf16_columns(packed, weight_bits, /*k_stride=*/1, /*j_stride=*/I, column_begin,
                       column_end);
     if (team > 1) team_barrier();
     const auto [begin, end] = split_range(s.rows, 12, thread, team);
@@ -315,9 +316,11 @@ std::tuple<at::Tensor, at::Tensor> elman_forward_bf16(const LayerArgs& args,
   // element (k, j) = W_hh[j, k], packed by the thread whose steps read those panels
   std::vector<PackedBf16> packed(s.directions);
   std::vector<at::Tensor> weights_hh(s.directions);
+  std::vector<const uint16_t*> hh_bits(s.directions);  // read here: nothing throws in the team
   std::vector<std::vector<uint16_t>> states(s.directions);
   for (const auto d : c10::irange(s.directions)) {
     weights_hh[d] = args.directions[d].weight_hh.contiguous();
+    hh_bits[d] = bits(weights_hh[d]);
     shape_bf16(packed[d], H, H);
     states[d].assign(2 * s.batch * Hp, 0);
     for (const auto copy : c10::irange(2))
@@ -327,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor> elman_forward_bf16(const LayerArgs& args,
   }
   run_directions(s, Phase::ForwardRecurrence,
                  [&](int64_t d, int64_t begin, int64_t end, bool in_team) {
-                   pack_bf16_columns(packed[d], bits(weights_hh[d]), /*k_stride=*/1,
+                   pack_bf16_columns(packed[d], hh_bits[d], /*k_stride=*/1,
                                      /*j_stride=*/H, begin, end);
                    forward_recurrence(args, d, packed[d], states[d].data(), work.data(),
                                       mutable_bits(output), mutable_bits(h_n), begin, end, in_team);
@@ -360,8 +363,10 @@ BackwardResult elman_backward_bf16(const LayerArgs& args, const at::Tensor& grad
     // element (k, j) = W_hh[k, j], packed by the thread whose steps read those panels
     std::vector<PackedBf16> packed(D);
     std::vector<at::Tensor> weights_hh(D);
+    std::vector<const uint16_t*> hh_bits(D);  // read here: nothing throws in the team
     for (const auto d : c10::irange(D)) {
       weights_hh[d] = args.directions[d].weight_hh.contiguous();
+      hh_bits[d] = bits(weights_hh[d]);
       shape_bf16(packed[d], H, H);
       buffers[d].carry.assign(s.batch * H, 0.0f);
       buffers[d].rounded.assign(2 * s.batch * Hp, 0);
@@ -370,7 +375,7 @@ BackwardResult elman_backward_bf16(const LayerArgs& args, const at::Tensor& grad
     }
     run_directions(s, Phase::BackwardRecurrence,
                    [&](int64_t d, int64_t begin, int64_t end, bool in_team) {
-                     pack_bf16_columns(packed[d], bits(weights_hh[d]), /*k_stride=*/H,
+                     pack_bf16_columns(packed[d], hh_bits[d], /*k_stride=*/H,
                                        /*j_stride=*/1, begin, end);
                      backward_recurrence(args, d, packed[d], bits(grad_output_c), bits(grad_h_n_c),
                                          bits(output_c), mutable_bits(grad_pre), buffers[d], begin,

@@ -130,6 +130,7 @@ void project_inputs(const LayerArgs& args, const at::Tensor& input_rows, at::Ten
   cpu::shape_packed(weight_t, s.input_size, s.output_width());
   const std::vector<T> bias = summed_biases<T>(args);
   const T* bias_data = s.has_bias ? bias.data() : nullptr;
+  const T* weight_data = weight.data_ptr<T>();  // read here: nothing may throw inside the team
   const T* in = input_rows.data_ptr<T>();
   T* out = output_rows.data_ptr<T>();
   const int64_t macs = s.rows * s.input_size * s.output_width();
@@ -137,8 +138,7 @@ void project_inputs(const LayerArgs& args, const at::Tensor& input_rows, at::Ten
   run_parts(
       Phase::InputProjection, parts,
       [&](int thread, int team) {
-        pack_share(weight_t, weight.data_ptr<T>(), /*k_stride=*/1, /*j_stride=*/s.input_size,
-                   thread, team);
+        pack_share(weight_t, weight_data, /*k_stride=*/1, /*j_stride=*/s.input_size, thread, team);
       },
       [&](int64_t p) {
         const auto [begin, end] = cpu::split_range(s.rows, 1, p, parts);
@@ -300,6 +300,7 @@ at::Tensor input_gradient(const LayerArgs& args, const at::Tensor& grad_pre) {
   const at::Tensor weight = stacked_input_weights(args);  // [D*H, I]
   PackedMatrix<T> packed;  // element (k, j) = W[k, j], packed once for every part
   cpu::shape_packed(packed, s.output_width(), s.input_size);
+  const T* weight_data = weight.data_ptr<T>();  // read here: nothing may throw inside the team
   const T* dp = grad_pre.data_ptr<T>();
   T* out = grad_input.data_ptr<T>();
   const int64_t macs = s.rows * s.output_width() * s.input_size;
@@ -307,8 +308,7 @@ at::Tensor input_gradient(const LayerArgs& args, const at::Tensor& grad_pre) {
   run_parts(
       Phase::InputGradient, parts,
       [&](int thread, int team) {
-        pack_share(packed, weight.data_ptr<T>(), /*k_stride=*/s.input_size, /*j_stride=*/1, thread,
-                   team);
+        pack_share(packed, weight_data, /*k_stride=*/s.input_size, /*j_stride=*/1, thread, team);
       },
       [&](int64_t p) {
         const auto [begin, end] = cpu::split_range(s.rows, 1, p, parts);
