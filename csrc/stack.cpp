@@ -119,6 +119,23 @@ at::Tensor initial_state(const StackShape& s, const at::Tensor& input, const at:
   return at::zeros({s.num_layers * s.directions, batch, s.hidden_size}, input.options());
 }
 
+StackShape read_stack_backward_args(const at::Tensor& grad_h_n, const at::Tensor& input,
+                                    const at::Tensor& hx, at::TensorList weights,
+                                    const c10::optional<at::Tensor>& batch_sizes,
+                                    at::TensorList dropout_masks, at::TensorList layer_outputs,
+                                    int64_t num_layers, bool bidirectional, bool relu,
+                                    bool batch_first) {
+  const char* op_name = "rnn_ext::elman_stack_backward";
+  const StackShape s = read_stack_args(op_name, input, hx, weights, batch_sizes, dropout_masks,
+                                       num_layers, bidirectional, relu, batch_first);
+  TORCH_CHECK(static_cast<int64_t>(layer_outputs.size()) == num_layers - 1, op_name,
+              ": layer_outputs must hold the outputs of the ", num_layers - 1,
+              " layer(s) below the last, got ", layer_outputs.size());
+  TORCH_CHECK(grad_h_n.sizes() == hx.sizes(), op_name, ": grad_h_n must have shape ", hx.sizes(),
+              ", got ", grad_h_n.sizes());
+  return s;
+}
+
 StackForwardResult stack_forward(const at::Tensor& input, const at::Tensor& hx,
                                  at::TensorList weights,
                                  const c10::optional<at::Tensor>& batch_sizes,
@@ -127,8 +144,16 @@ StackForwardResult stack_forward(const at::Tensor& input, const at::Tensor& hx,
   const StackShape s =
       read_stack_args("rnn_ext::_elman_stack_forward", input, hx, weights, batch_sizes,
                       dropout_masks, num_layers, bidirectional, relu, batch_first);
+  return stack_forward_checked(s, input, hx, weights, batch_sizes, dropout_masks);
+}
+
+StackForwardResult stack_forward_checked(const StackShape& s, const at::Tensor& input,
+                                         const at::Tensor& hx, at::TensorList weights,
+                                         const c10::optional<at::Tensor>& batch_sizes,
+                                         at::TensorList dropout_masks) {
   TORCH_CHECK(hx.defined(), "rnn_ext::_elman_stack_forward: hx must be given");
-  const int64_t D = s.directions;
+  const int64_t D = s.directions, num_layers = s.num_layers;
+  const bool relu = s.relu;
   at::Tensor layer_input = swap_batch_and_time(s, input);
   std::vector<at::Tensor> final_states, layer_outputs;
   final_states.reserve(num_layers);
@@ -156,15 +181,21 @@ BackwardResult stack_backward(const at::Tensor& grad_output, const at::Tensor& g
                               at::TensorList dropout_masks, at::TensorList layer_outputs,
                               const at::Tensor& output, int64_t num_layers, bool bidirectional,
                               bool relu, bool batch_first, std::array<bool, 3> output_mask) {
-  const char* op_name = "rnn_ext::elman_stack_backward";
-  const StackShape s = read_stack_args(op_name, input, hx, weights, batch_sizes, dropout_masks,
-                                       num_layers, bidirectional, relu, batch_first);
-  TORCH_CHECK(static_cast<int64_t>(layer_outputs.size()) == num_layers - 1, op_name,
-              ": layer_outputs must hold the outputs of the ", num_layers - 1,
-              " layer(s) below the last, got ", layer_outputs.size());
-  TORCH_CHECK(grad_h_n.sizes() == hx.sizes(), op_name, ": grad_h_n must have shape ", hx.sizes(),
-              ", got ", grad_h_n.sizes());
-  const int64_t D = s.directions;
+  const StackShape s =
+      read_stack_backward_args(grad_h_n, input, hx, weights, batch_sizes, dropout_masks,
+                               layer_outputs, num_layers, bidirectional, relu, batch_first);
+  return stack_backward_checked(s, grad_output, grad_h_n, input, hx, weights, batch_sizes,
+                                dropout_masks, layer_outputs, output, output_mask);
+}
+
+BackwardResult stack_backward_checked(const StackShape& s, const at::Tensor& grad_output,
+                                      const at::Tensor& grad_h_n, const at::Tensor& input,
+                                      const at::Tensor& hx, at::TensorList weights,
+                                      const c10::optional<at::Tensor>& batch_sizes,
+                                      at::TensorList dropout_masks, at::TensorList layer_outputs,
+                                      const at::Tensor& output, std::array<bool, 3> output_mask) {
+  const int64_t D = s.directions, num_layers = s.num_layers;
+  const bool relu = s.relu;
   const at::TensorOptions options = input.options();
   at::Tensor grad = swap_batch_and_time(s, grad_output);  // dL/d(this layer's output)
   std::vector<at::Tensor> grad_states(num_layers);

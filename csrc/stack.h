@@ -56,6 +56,13 @@ StackForwardResult stack_forward(const at::Tensor& input, const at::Tensor& hx,
                                  at::TensorList dropout_masks, int64_t num_layers,
                                  bool bidirectional, bool relu, bool batch_first);
 
+// The same on arguments read_stack_args has already checked into `shape` (a backend that reads
+// them itself to choose its own path calls this one, so nothing is checked twice).
+StackForwardResult stack_forward_checked(const StackShape& shape, const at::Tensor& input,
+                                         const at::Tensor& hx, at::TensorList weights,
+                                         const c10::optional<at::Tensor>& batch_sizes,
+                                         at::TensorList dropout_masks);
+
 // A function with rnn_ext::_elman_stack_forward's signature (stack_forward, or a backend's own).
 using StackForward = StackForwardResult (*)(const at::Tensor&, const at::Tensor&, at::TensorList,
                                             const c10::optional<at::Tensor>&, at::TensorList,
@@ -70,7 +77,24 @@ std::tuple<at::Tensor, at::Tensor> stack_outputs(StackForward forward, const at:
                                                  at::TensorList dropout_masks, int64_t num_layers,
                                                  bool bidirectional, bool relu, bool batch_first);
 
-// rnn_ext::elman_stack_backward.
+// read_stack_args for rnn_ext::elman_stack_backward, plus what only backward is given: the
+// outputs of the layers below the last and grad_h_n.
+StackShape read_stack_backward_args(const at::Tensor& grad_h_n, const at::Tensor& input,
+                                    const at::Tensor& hx, at::TensorList weights,
+                                    const c10::optional<at::Tensor>& batch_sizes,
+                                    at::TensorList dropout_masks, at::TensorList layer_outputs,
+                                    int64_t num_layers, bool bidirectional, bool relu,
+                                    bool batch_first);
+
+// rnn_ext::elman_stack_backward on arguments read_stack_backward_args has already checked.
+BackwardResult stack_backward_checked(const StackShape& shape, const at::Tensor& grad_output,
+                                      const at::Tensor& grad_h_n, const at::Tensor& input,
+                                      const at::Tensor& hx, at::TensorList weights,
+                                      const c10::optional<at::Tensor>& batch_sizes,
+                                      at::TensorList dropout_masks, at::TensorList layer_outputs,
+                                      const at::Tensor& output, std::array<bool, 3> output_mask);
+
+// rnn_ext::elman_stack_backward: the checks, then stack_backward_checked.
 BackwardResult stack_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                               const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
                               const c10::optional<at::Tensor>& batch_sizes,

@@ -321,8 +321,7 @@ StackForwardResult stack_forward_cpu(const at::Tensor& input, const at::Tensor& 
       read_stack_args("rnn_ext::_elman_stack_forward", input, hx, weights, batch_sizes,
                       dropout_masks, num_layers, bidirectional, relu, batch_first);
   if (!runs_wavefront(s, input, hx))
-    return stack_forward(input, hx, weights, batch_sizes, dropout_masks, num_layers, bidirectional,
-                         relu, batch_first);
+    return stack_forward_checked(s, input, hx, weights, batch_sizes, dropout_masks);
   return AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_ext::_elman_stack_forward", [&] {
     return wavefront_forward<scalar_t>(s, input, hx, weights, batch_sizes, dropout_masks);
   });
@@ -335,18 +334,12 @@ BackwardResult stack_backward_cpu(const at::Tensor& grad_output, const at::Tenso
                                   at::TensorList dropout_masks, at::TensorList layer_outputs,
                                   const at::Tensor& output, int64_t num_layers, bool bidirectional,
                                   bool relu, bool batch_first, std::array<bool, 3> output_mask) {
-  const char* op_name = "rnn_ext::elman_stack_backward";
-  const StackShape s = read_stack_args(op_name, input, hx, weights, batch_sizes, dropout_masks,
-                                       num_layers, bidirectional, relu, batch_first);
+  const StackShape s =
+      read_stack_backward_args(grad_h_n, input, hx, weights, batch_sizes, dropout_masks,
+                               layer_outputs, num_layers, bidirectional, relu, batch_first);
   if (!runs_wavefront(s, input, hx))
-    return stack_backward(grad_output, grad_h_n, input, hx, weights, batch_sizes, dropout_masks,
-                          layer_outputs, output, num_layers, bidirectional, relu, batch_first,
-                          output_mask);
-  TORCH_CHECK(static_cast<int64_t>(layer_outputs.size()) == num_layers - 1, op_name,
-              ": layer_outputs must hold the outputs of the ", num_layers - 1,
-              " layer(s) below the last, got ", layer_outputs.size());
-  TORCH_CHECK(grad_h_n.sizes() == hx.sizes(), op_name, ": grad_h_n must have shape ", hx.sizes(),
-              ", got ", grad_h_n.sizes());
+    return stack_backward_checked(s, grad_output, grad_h_n, input, hx, weights, batch_sizes,
+                                  dropout_masks, layer_outputs, output, output_mask);
   return AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_ext::elman_stack_backward", [&] {
     return wavefront_backward<scalar_t>(s, grad_output, grad_h_n, input, hx, weights, batch_sizes,
                                         dropout_masks, layer_outputs, output, output_mask);
