@@ -17,6 +17,26 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// An elman_stack call's configuration as one integer, for AutogradContext::saved_data. The
+// counts of weights and masks follow from it: the forward op has checked that there are
+// num_layers * directions * (4 or 2) weights and none or num_layers - 1 dropout masks.
+struct StackConfigWord {
+  int64_t num_layers;
+  bool bidirectional, relu, batch_first, has_hx, has_bias, has_masks;
+
+  int64_t encode() const {
+    return num_layers << 6 | int64_t{bidirectional} | int64_t{relu} << 1 |
+           int64_t{batch_first} << 2 | int64_t{has_hx} << 3 | int64_t{has_bias} << 4 |
+           int64_t{has_masks} << 5;
+  }
+  static StackConfigWord decode(int64_t word) {
+    const auto flag = [word](int bit) { return ((word >> bit) & 1) != 0; };
+    return {word >> 6, flag(0), flag(1), flag(2), flag(3), flag(4), flag(5)};
+  }
+  int64_t num_weights() const { return num_layers * (bidirectional ? 2 : 1) * (has_bias ? 4 : 2); }
+  int64_t num_masks() const { return has_masks ? num_layers - 1 : 0; }
+};
+
 class ElmanFunction : public torch::autograd::Function<ElmanFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx,
@@ -69,6 +89,7 @@ class ElmanFunction : public torch::autograd::Function<ElmanFunction> {
       for (const auto i : c10::irange(computed.size())) result[position[i]] = computed[i];
       return result;
     }
+    at::AutoDispatchBelowADInplaceOrView guard;  // as in ElmanStackFunction::backward
     auto [grad_input, grad_hx, grad_weights] = call_elman_backward(
         grad_output, grad_h_n, input, hx, weights, output, batch_sizes, relu, mask);
     if (mask[0]) result[0] = grad_input;
@@ -165,32 +186,39 @@ class ElmanStackFunction : public torch::autograd::Function<ElmanStackFunction> 
     saved.insert(saved.end(), dropout_masks.begin(), dropout_masks.end());
     saved.insert(saved.end(), layer_outputs.begin(), layer_outputs.end());
     ctx->save_for_backward(saved);
-    ctx->saved_data["weights"] = static_cast<int64_t>(weights.size());
-    ctx->saved_data["masks"] = static_cast<int64_t>(dropout_masks.size());
-    ctx->saved_data["num_layers"] = num_layers;
-    ctx->saved_data["bidirectional"] = bidirectional;
-    ctx->saved_data["relu"] = relu;
-    ctx->saved_data["batch_first"] = batch_first;
-    ctx->saved_data["has_hx"] = hx.has_value() && hx->defined();
+    // One entry for the call's configuration: each saved_data entry is a string-keyed map insert
+    // now and a lookup in backward, a measurable part of a small call.
+    const int64_t per_layer = static_cast<int64_t>(weights.size()) / num_layers;
+    const StackConfigWord config{num_layers,
+                                 bidirectional,
+                                 relu,
+                                 batch_first,
+                                 hx.has_value() && hx->defined(),
+                                 per_layer == (bidirectional ? 8 : 4),
+                                 !dropout_masks.empty()};
+    TORCH_CHECK(config.num_weights() == static_cast<int64_t>(weights.size()) &&
+                    config.num_masks() == static_cast<int64_t>(dropout_masks.size()),
+                "rnn_ext::elman_stack: ", weights.size(), " weights and ", dropout_masks.size(),
+                " dropout masks do not make ", num_layers, " layers");
+    ctx->saved_data["config"] = config.encode();
     if (batch_sizes.has_value() && batch_sizes->defined())
       ctx->saved_data["batch_sizes"] = *batch_sizes;
     // The saved output is the kernels' buffer (backward reads act' from it); the caller gets a
     // copy with the same strides, so that in-place use of it (`out += residual`) is as free as
     // with nn.RNN.
-    return {output.clone(), h_n};
+    return {dense_copy(output), h_n};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    const int64_t num_weights = ctx->saved_data["weights"].toInt();
-    const int64_t num_masks = ctx->saved_data["masks"].toInt();
-    const int64_t num_layers = ctx->saved_data["num_layers"].toInt();
-    const bool bidirectional = ctx->saved_data["bidirectional"].toBool();
-    const bool relu = ctx->saved_data["relu"].toBool();
-    const bool batch_first = ctx->saved_data["batch_first"].toBool();
+    const StackConfigWord config = StackConfigWord::decode(ctx->saved_data["config"].toInt());
+    const int64_t num_weights = config.num_weights(), num_masks = config.num_masks();
+    const int64_t num_layers = config.num_layers;
+    const bool bidirectional = config.bidirectional, relu = config.relu;
+    const bool batch_first = config.batch_first, has_hx = config.has_hx;
     c10::optional<at::Tensor> batch_sizes;
-    if (ctx->saved_data.count("batch_sizes"))
-      batch_sizes = ctx->saved_data["batch_sizes"].toTensor();
+    if (const auto found = ctx->saved_data.find("batch_sizes"); found != ctx->saved_data.end())
+      batch_sizes = found->second.toTensor();
     const at::Tensor& input = saved[0];
     const at::Tensor& hx = saved[1];
     const at::Tensor& output = saved[2];
@@ -204,7 +232,6 @@ class ElmanStackFunction : public torch::autograd::Function<ElmanStackFunction> 
     const at::Tensor grad_h_n = grads[1].defined() ? grads[1] : at::zeros_like(hx);
 
     // needs_input_grad counts the tensors given (an absent hx is none); result counts arguments.
-    const bool has_hx = ctx->saved_data["has_hx"].toBool();
     const int64_t first_weight = has_hx ? 2 : 1;
     std::vector<bool> needs(2 + num_weights, false);  // per argument: input, hx, weights
     needs[0] = ctx->needs_input_grad(0);
@@ -236,6 +263,9 @@ class ElmanStackFunction : public torch::autograd::Function<ElmanStackFunction> 
       for (const auto i : c10::irange(computed.size())) result[position[i]] = computed[i];
       return result;
     }
+    // Grad mode is off here: the backend kernel directly, not through the autograd fallback
+    // (which boxes every argument to find that nothing needs recording).
+    at::AutoDispatchBelowADInplaceOrView guard;
     auto [grad_input, grad_hx, grad_weights] = call_stack_backward(
         grad_output, grad_h_n, input, hx, weights, batch_sizes, masks, layer_outputs, output,
         num_layers, bidirectional, relu, batch_first, mask);

@@ -3,6 +3,7 @@
 
 #include <c10/util/irange.h>
 
+#include <cstring>
 #include <exception>
 #include <limits>
 
@@ -157,6 +158,19 @@ StepLayout step_layout(const LayerArgs& args) {
                     args.shape.batch};
 }
 
+at::Tensor dense_copy(const at::Tensor& t) {
+  // Exactly what a CPU tensor of plain storage carries: a fake tensor adds Python, a functorch
+  // wrapper or a negative-bit view its own keys.
+  static const c10::DispatchKeySet plain_cpu({c10::DispatchKey::CPU, c10::DispatchKey::AutogradCPU,
+                                              c10::DispatchKey::ADInplaceOrView,
+                                              c10::DispatchKey::AutocastCPU});
+  if (!t.defined()) return t;
+  if (t.key_set() != plain_cpu || !t.is_non_overlapping_and_dense()) return t.clone();
+  at::Tensor copy = at::empty_strided(t.sizes(), t.strides(), t.options());
+  if (t.numel() > 0) std::memcpy(copy.data_ptr(), t.const_data_ptr(), t.numel() * t.element_size());
+  return copy;
+}
+
 BackwardResult backward_result(const LayerArgs& args, const at::Tensor& input,
                                at::TensorList weights, std::array<bool, 3> output_mask,
                                at::Tensor grad_input, at::Tensor grad_hx,
@@ -188,7 +202,7 @@ BackwardResult backward_result(const LayerArgs& args, const at::Tensor& input,
             grad = g->bias;
             break;
           default:
-            grad = g->bias.defined() ? g->bias.clone() : at::Tensor();
+            grad = dense_copy(g->bias);
             break;  // own tensor
         }
       }

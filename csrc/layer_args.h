@@ -45,6 +45,11 @@ std::vector<int64_t> output_sizes(const LayerArgs& args);
 // The rows of each step, for the step rules of elman.h (host memory; valid while args lives).
 StepLayout step_layout(const LayerArgs& args);
 
+// A copy of t with t's sizes and strides. A plain dense CPU tensor is copied with one memcpy
+// (clone's copy goes through TensorIterator, a noticeable part of a small call); anything else
+// (CUDA, fake and other tensor subclasses, non-dense views) is cloned.
+at::Tensor dense_copy(const at::Tensor& t);
+
 // One direction's parameter gradients as a backend computes them: the two biases of a direction
 // share one gradient (both are added to the same pre-activation).
 struct DirectionGradients {

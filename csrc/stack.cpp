@@ -196,11 +196,10 @@ BackwardResult stack_backward_checked(const StackShape& s, const at::Tensor& gra
                                       const at::Tensor& output, std::array<bool, 3> output_mask) {
   const int64_t D = s.directions, num_layers = s.num_layers;
   const bool relu = s.relu;
-  const at::TensorOptions options = input.options();
   at::Tensor grad = swap_batch_and_time(s, grad_output);  // dL/d(this layer's output)
   std::vector<at::Tensor> grad_states(num_layers);
   std::vector<at::Tensor> grad_weights(output_mask[2] ? weights.size() : 0);
-  at::Tensor grad_input = at::empty({0}, options);
+  at::Tensor grad_input;  // set by the first layer's call
   for (int64_t l = num_layers - 1; l >= 0; --l) {
     const at::Tensor layer_input = l == 0
                                        ? swap_batch_and_time(s, input)
@@ -212,19 +211,21 @@ BackwardResult stack_backward_checked(const StackShape& s, const at::Tensor& gra
         grad, single ? grad_h_n : grad_h_n.narrow(0, l * D, D), layer_input,
         single ? hx : hx.narrow(0, l * D, D), weights.slice(l * s.per_layer, s.per_layer),
         layer_output, batch_sizes, relu, {l > 0 || output_mask[0], output_mask[1], output_mask[2]});
-    if (output_mask[1]) grad_states[l] = std::move(grad_layer_hx);
+    grad_states[l] = std::move(grad_layer_hx);  // an empty placeholder when not asked for
     if (output_mask[2]) {
       for (const auto i : c10::irange(s.per_layer))
         grad_weights[l * s.per_layer + i] = std::move(grad_layer_weights[i]);
     }
     if (l > 0) {
       grad = next_layer_input(grad_layer_input, dropout_masks, l);
-    } else if (output_mask[0]) {
-      grad_input = swap_batch_and_time(s, grad_layer_input);
+    } else {
+      // Not asked for: the layer's empty placeholder, which is what the stack returns too.
+      grad_input =
+          output_mask[0] ? swap_batch_and_time(s, grad_layer_input) : std::move(grad_layer_input);
     }
   }
-  at::Tensor grad_hx = at::empty({0}, options);
-  if (output_mask[1]) grad_hx = num_layers == 1 ? grad_states[0] : at::cat(grad_states, 0);
+  at::Tensor grad_hx =
+      output_mask[1] && num_layers > 1 ? at::cat(grad_states, 0) : std::move(grad_states[0]);
   return {grad_input, grad_hx, grad_weights};
 }
 
