@@ -59,9 +59,9 @@ CONFIGS = {
     "relu-3-layers": (25, 9, 16, 48, 3, False, "relu", None),
     "packed-bidir": (30, 6, 12, 40, 2, True, "tanh", [30, 3, 17, 30, 1, 9]),
     "wide-split-steps": (12, 48, 64, 256, 1, False, "tanh", None),
-    # H = 300: the step's depth takes two slices of the kernel (128 pairs each), the fused
+    # H = 2050: the step's depth takes two slices of the kernel (1024 pairs, then 1), the fused
     # activation and rounding run on the second.
-    "deep-state": (10, 8, 16, 300, 1, False, "tanh", None),
+    "deep-state": (4, 3, 16, 2050, 1, False, "tanh", None),
     "long-1000": (1000, 4, 8, 32, 1, False, "tanh", None),
     "long-1000-relu-bidir": (1000, 2, 8, 24, 2, True, "relu", None),
 }
@@ -261,7 +261,7 @@ def test_bf16_sine_to_cosine_training_converges(seed, kernel_path):
         (12, 48, 64, 256, 1, False, "tanh"),  # steps split by columns over the team
         (9, 20, 40, 70, 2, True, "relu"),  # directions side by side, a partial panel
         (30, 64, 96, 130, 1, False, "tanh"),  # parallel projection, 64-row blocks, odd panels
-        (8, 24, 32, 300, 1, False, "relu"),  # a step's depth in two slices, split steps
+        (3, 24, 32, 2050, 1, False, "relu"),  # a step's depth in two slices, split steps
     ],
 )
 def test_bf16_kernel_bits_do_not_depend_on_the_thread_count(config, monkeypatch):
