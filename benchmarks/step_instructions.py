@@ -93,7 +93,9 @@ def count(args, side: str, library: Path) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="10,1,1,32,1", help="T,B,I,H,layers (batch_first)")
     parser.add_argument("--mode", choices=("training-step", "forward"), default="training-step")
     parser.add_argument("--steps", type=int, default=100)
@@ -114,7 +116,7 @@ def main() -> int:
         source.write_text(TOGGLE_SOURCE)
         library = Path(folder) / "toggle.so"
         subprocess.run([compiler, "-O2", "-shared", "-fPIC", str(source), "-o", str(library)], check=True)
-        print(f"config {args.config} (batch_first), {args.mode}, one torch thread, {args.steps} calls counted")
+        print(f"config {args.config} (batch_first), {args.mode}, one torch thread, {args.steps} calls")
         for side in args.sides.split(","):
             print(f"  {side:8s} {count(args, side, library) / 1000:9.1f} thousand instructions per call")
     return 0
