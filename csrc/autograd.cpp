@@ -18,8 +18,9 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // An elman_stack call's configuration as one integer, for AutogradContext::saved_data. The
-// counts of weights and masks follow from it: the forward op has checked that there are
-// num_layers * directions * (4 or 2) weights and none or num_layers - 1 dropout masks.
+// counts of weights and masks follow from it: num_layers * directions * (4 or 2) weights and none
+// or num_layers - 1 dropout masks, as the backend kernels check (and forward below, for the fake
+// kernels, which do not).
 struct StackConfigWord {
   int64_t num_layers;
   bool bidirectional, relu, batch_first, has_hx, has_bias, has_masks;
@@ -188,6 +189,8 @@ class ElmanStackFunction : public torch::autograd::Function<ElmanStackFunction> 
     ctx->save_for_backward(saved);
     // One entry for the call's configuration: each saved_data entry is a string-keyed map insert
     // now and a lookup in backward, a measurable part of a small call.
+    TORCH_CHECK(num_layers >= 1, "rnn_ext::elman_stack: num_layers must be at least 1, got ",
+                num_layers);
     const int64_t per_layer = static_cast<int64_t>(weights.size()) / num_layers;
     const StackConfigWord config{num_layers,
                                  bidirectional,

@@ -1,6 +1,8 @@
 // Argument checks and shape reading for the layer ops (see layer_args.h).
 #include "layer_args.h"
 
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <c10/util/irange.h>
 
 #include <cstring>
@@ -165,7 +167,11 @@ at::Tensor dense_copy(const at::Tensor& t) {
                                               c10::DispatchKey::ADInplaceOrView,
                                               c10::DispatchKey::AutocastCPU});
   if (!t.defined()) return t;
-  if (t.key_set() != plain_cpu || !t.is_non_overlapping_and_dense()) return t.clone();
+  // A dispatch mode (make_fx, a user's TorchDispatchMode) sees ops, not a memcpy: clone then.
+  if (t.key_set() != plain_cpu || !t.is_non_overlapping_and_dense() ||
+      c10::impl::dispatch_mode_enabled() ||
+      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python))
+    return t.clone();
   at::Tensor copy = at::empty_strided(t.sizes(), t.strides(), t.options());
   if (t.numel() > 0) std::memcpy(copy.data_ptr(), t.const_data_ptr(), t.numel() * t.element_size());
   return copy;

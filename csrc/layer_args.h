@@ -47,7 +47,8 @@ StepLayout step_layout(const LayerArgs& args);
 
 // A copy of t with t's sizes and strides. A plain dense CPU tensor is copied with one memcpy
 // (clone's copy goes through TensorIterator, a noticeable part of a small call); anything else
-// (CUDA, fake and other tensor subclasses, non-dense views) is cloned.
+// (CUDA, fake and other tensor subclasses, non-dense views, any call under a dispatch mode) is
+// cloned.
 at::Tensor dense_copy(const at::Tensor& t);
 
 // One direction's parameter gradients as a backend computes them: the two biases of a direction

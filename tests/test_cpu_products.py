@@ -1,7 +1,7 @@
 """The CPU engine's large products (input projection, input gradient, weight gradients) on the
 packed kernel, at the shapes where its blocking has edges: widths that are not a multiple of a
 column panel, row counts that are not a multiple of the row block, depths past one depth slice
-(256), a single input feature, packed sequences. Each shape is large enough for the split, threaded
+(1024), a single input feature, packed sequences. Each shape is large enough for the split, threaded
 path of every product it has. Checked against nn.RNN in float64 (1e-10), against a float64 truth
 in float32, and for the same bits on 1, 2 and 3 threads."""
 
@@ -17,11 +17,11 @@ from helpers import assert_same_values
 
 # name: (module kwargs, steps, batch, lengths or None)
 SHAPES = {
-    # 259 rows: past one depth slice of the weight gradients, not a multiple of 12; H = 45 ends
-    # in a partial panel; both directions, and a second layer whose input is 90 wide.
-    "bidir-odd": (dict(input_size=17, hidden_size=45, num_layers=2, bidirectional=True), 37, 7, None),
-    # I = 300: the projection's depth runs past one slice.
-    "deep-input": (dict(input_size=300, hidden_size=33, num_layers=1), 13, 23, None),
+    # 1073 rows: past one depth slice of the weight gradients, not a multiple of 6 or 12; H = 45
+    # ends in a partial panel; both directions, and a second layer whose input is 90 wide.
+    "bidir-odd": (dict(input_size=17, hidden_size=45, num_layers=2, bidirectional=True), 37, 29, None),
+    # I = 1100: the projection's depth runs past one slice.
+    "deep-input": (dict(input_size=1100, hidden_size=33, num_layers=1), 13, 23, None),
     # I = 1 (the seed model's input) under a wide second layer.
     "one-feature": (dict(input_size=1, hidden_size=130, num_layers=2), 5, 64, None),
     "batch-first-no-bias": (dict(input_size=64, hidden_size=97, batch_first=True, bias=False), 20, 31, None),

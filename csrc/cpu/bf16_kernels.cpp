@@ -99,8 +99,8 @@ RNN_EXT_BF16_TARGET RNN_EXT_INLINE void block_of_rows(int64_t rows, const uint16
 }
 
 // The `rows` rows of one strip of VECTORS panels: the fewest blocks of at most 6 rows, as even as
-// possible (20 rows: 5, 5, 5, 5; 64 rows: nine of 6 and two of 5), so no batch size falls to a
-// narrow tail block. Each row's arithmetic is the same in any block.
+// possible (20 rows: 5, 5, 5, 5; a chunk of 32 rows: 6, 6, 5, 5, 5, 5), so no batch size falls
+// to a narrow tail block. Each row's arithmetic is the same in any block.
 template <int VECTORS>
 RNN_EXT_BF16_TARGET RNN_EXT_INLINE void strip(int64_t rows, const uint16_t* const* a,
                                               const uint16_t* panel, int64_t pairs, int64_t p0,
@@ -124,7 +124,7 @@ RNN_EXT_BF16_TARGET void row_matmul_bf16_avx512(int64_t rows, const uint16_t* co
                                                 int64_t column_end, const StepFinish& finish) {
   // Register tile: up to 6 rows x 4 panels (24 accumulators, 4 panel registers and a broadcast),
   // so one 32-bit broadcast of A feeds four vdpbf16ps. Cache blocking: a chunk of 60 rows, then the
-  // strips of 4 panels, each over the whole depth up to 1024 pairs (a strip of 1024 pairs is 128
+  // strips of 4 panels, each over the whole depth up to 1024 pairs (a strip of 1024 pairs is 256
   // KiB, resident in L2 while the chunk's blocks pass). Depth slices after the first accumulate
   // into C in float32; the last one applies `finish`. Measured on Zen 4 (one thread, steps of 20 x
   // 650 x 320 and 64 x 512 x 256, products of 700 x 650 x 650 and 512 x 6400 x 512): 10-25% faster

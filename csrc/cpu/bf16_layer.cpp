@@ -45,7 +45,7 @@ inline float widen(uint16_t value) {
 int64_t padded_depth(int64_t depth) { return (depth + 1) / 2 * 2; }
 
 // As in the float32 path: a step is split over threads from 1M multiply-adds, in units of two
-// panels (the widest strip the kernel writes).
+// panels.
 constexpr int64_t kStepParallelThreshold = 1 << 20;
 constexpr int64_t kColumnUnit = 2 * kBf16Panel;
 // The input projection and the kernel's products are split over the team from this many

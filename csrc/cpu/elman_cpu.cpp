@@ -45,7 +45,8 @@ constexpr int64_t kMaxParts = 8;
 // two cores, a 32 x 128 x 128 step (0.5M) ran slower split than whole, the barrier after each
 // step and the cross-core traffic of h_t costing more than half the step.
 constexpr int64_t kStepParallelThreshold = 1 << 20;
-// Column granularity of a step split: two column panels, the widest block any kernel build writes.
+// Column granularity of a step split: two column panels (the kernels' strips stop at a range's
+// end, so the unit only sets how finely a step's columns are shared).
 constexpr int64_t kColumnUnit(int64_t block) { return 2 * block; }
 
 // The number of parts of a product over `extent` splittable rows (or columns) with `macs`

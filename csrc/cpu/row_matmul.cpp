@@ -113,8 +113,9 @@ RNN_EXT_INLINE void block_of_rows(int64_t rows, const A& a, const T* panel, int6
 
 // The row blocks of one column strip: `rows` rows cut into the fewest blocks of at most
 // MAX_ROWS, as even as possible (sizes differ by at most one; the larger ones first), so that no
-// batch size falls to a narrow tail block (64 rows: 6 blocks of 11 or 10, not 5 of 12 and one of
-// 4). A fixed function of `rows`; each row's arithmetic is the same whatever block it falls in.
+// batch size falls to a narrow tail block (20 rows in blocks of at most 6: four of 5, not three of
+// 6 and one of 2). A fixed function of `rows`; each row's arithmetic is the same whatever block it
+// falls in.
 template <typename T, int BYTES, int VECTORS, int MAX_ROWS, typename A>
 RNN_EXT_INLINE void strip(int64_t rows, const A& a_rows, const T* panel, int64_t depth, int64_t k0,
                           int64_t k1, T* const* c_rows, int64_t column, int64_t width, bool add,
@@ -151,8 +152,8 @@ RNN_EXT_INLINE void row_matmul_body(int64_t rows, const A& a_rows, const PackedM
   // a broadcast beside them): enough independent FMAs in flight to cover the FMA latency. With
   // AVX-512 a strip is four vectors wide and takes blocks of up to 6 rows (one broadcast of A
   // feeds four FMAs); at a range's end, two vectors and 12 rows, then one. With AVX a strip is
-  // two panels wide and takes blocks of up to 6 rows; a batch of one row gets strips four
-  // vectors wide instead, so that it has four independent accumulator chains.
+  // two vectors (one 16-column panel) wide and takes blocks of up to 6 rows; a batch of one row
+  // gets strips four vectors wide instead, so that it has four independent accumulator chains.
   constexpr int kAccumulators = BYTES == 64 ? 24 : 12;
   constexpr int kWideVectors = 4;
   constexpr int64_t kWideRows = 1;  // AVX: the rows that take four-vector strips
@@ -172,7 +173,8 @@ RNN_EXT_INLINE void row_matmul_body(int64_t rows, const A& a_rows, const PackedM
         const int64_t panels = end_panel - column / block;
         if ((BYTES == 64 || chunk_rows <= kWideRows) &&
             panels * vectors_per_panel >= kWideVectors) {
-          strip<T, BYTES, kWideVectors, kAccumulators / kWideVectors>(
+          strip<T, BYTES, kWideVectors,
+                BYTES == 64 ? kAccumulators / kWideVectors : static_cast<int>(kWideRows)>(
               chunk_rows, a, panel, b.depth, k0, k1, c, column, b.width, add, finish);
           column += kWideVectors * lanes;
         } else if (vectors_per_panel == 1 && panels == 1) {
