@@ -51,6 +51,12 @@ RNN_EXT_BF16_TARGET RNN_EXT_INLINE void block_kernel(const uint16_t* const* a,
   for (int r = 0; r < ROWS; ++r)
     for (int v = 0; v < VECTORS; ++v) acc[r][v] = _mm512_setzero_ps();
   const int64_t panel_stride = pairs * 2 * kBf16Panel;
+  for (int r = 0; r < ROWS; ++r) {
+    if (finish.state == nullptr || accumulate)
+      prefetch_for_store(c[r] + column, VECTORS * kBf16Panel * sizeof(float));
+    if (finish.state != nullptr)
+      prefetch_for_store(finish.output[r] + column, VECTORS * kBf16Panel * sizeof(uint16_t));
+  }
   const uint16_t* bp = panel + p0 * 2 * kBf16Panel;
   for (int64_t p = p0; p < p1; ++p, bp += 2 * kBf16Panel) {
     __m512bh bv[VECTORS];

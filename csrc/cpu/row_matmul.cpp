@@ -63,6 +63,8 @@ RNN_EXT_INLINE void block_kernel(const A& a, const T* panel, int64_t depth, int6
   V acc[ROWS][VECTORS];
   for (int r = 0; r < ROWS; ++r)
     for (int v = 0; v < VECTORS; ++v) acc[r][v] = V{};
+  constexpr int64_t columns = VECTORS * lanes;
+  for (int r = 0; r < ROWS; ++r) prefetch_for_store(c[r] + column, columns * sizeof(T));
   const T* bk = panel + k_begin * block;
   for (int64_t k = k_begin; k < k_end; ++k, bk += block) {
     V bv[VECTORS];
@@ -75,7 +77,6 @@ RNN_EXT_INLINE void block_kernel(const A& a, const T* panel, int64_t depth, int6
       for (int v = 0; v < VECTORS; ++v) acc[r][v] += bv[v] * x;
     }
   }
-  constexpr int64_t columns = VECTORS * lanes;
   const int64_t valid = std::min<int64_t>(columns, width - column);
   for (int r = 0; r < ROWS; ++r) {
     T* out = c[r] + column;

@@ -24,6 +24,16 @@ struct Vector {
 template <typename T, int BYTES = 32>
 using vec_t = typename Vector<T, BYTES>::type;
 
+// Asks for the cache lines of [p, p + bytes) ahead of a store to them. A register tile's store to
+// lines not in cache waits for each line (read for ownership); issued before the tile's
+// multiply-adds, the fetches overlap them. Measured on Zen 4 (one thread, bf16 6400 x 256 x 512,
+// a 13 MB result): 157-168 -> 179-188 GFLOP/s; no change where the result stays in cache.
+RNN_EXT_INLINE void prefetch_for_store(const void* p, int64_t bytes) {
+  const char* begin = static_cast<const char*>(p);
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(begin + offset, 1);
+  __builtin_prefetch(begin + bytes - 1, 1);
+}
+
 template <typename T, int BYTES = 32>
 RNN_EXT_INLINE vec_t<T, BYTES> load(const T* p) {
   vec_t<T, BYTES> v;
