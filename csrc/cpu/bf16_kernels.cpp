@@ -29,7 +29,7 @@ struct StepFinish {
   }
 };
 
-// tanh (tanh_inplace's function: the same bits as a separate pass) or relu, NaN kept.
+// tanh (vector_math.h's tanh_vector, as in the float32 kernels) or relu, NaN kept.
 RNN_EXT_BF16_TARGET RNN_EXT_INLINE __m512 activate_vector(__m512 value, Epilogue epilogue) {
   using F = vec_t<float, 64>;
   const F x = (F)value;

@@ -59,7 +59,7 @@ void row_matmul_bf16(int64_t rows, const uint16_t* const* a_rows, const PackedBf
 // multiple of kBf16Panel): h = f(pre_rows[r][j] + a_rows[r] . B[:, j]) in float32, f the epilogue,
 // rounded to bf16 once and stored to state_rows[r][j] and output_rows[r][j]. The float32 result
 // itself is not stored (pre_rows keeps a depth slice's partial sums where the depth takes more than
-// one). The same bits as row_matmul_bf16 with accumulate, tanh_inplace or relu, then round_to_bf16.
+// one). The same bits as row_matmul_bf16 with accumulate, tanh_vector or relu, then round_to_bf16.
 void step_bf16(int64_t rows, const uint16_t* const* a_rows, const PackedBf16& b,
                float* const* pre_rows, Epilogue epilogue, uint16_t* const* state_rows,
                uint16_t* const* output_rows, int64_t column_begin, int64_t column_end);

@@ -139,7 +139,7 @@ void forward_recurrence(const LayerArgs& args, int64_t d, const PackedBf16& weig
   const bool reverse = d == 1;
   const StepLayout layout = step_layout(args);
   const int64_t columns = column_end - column_begin;
-  const Epilogue epilogue = s.activation == Activation::Tanh ? Epilogue::Tanh : Epilogue::Relu;
+  const Epilogue epilogue = activation_epilogue(s.activation);
   std::vector<const uint16_t*> previous(s.batch);
   std::vector<float*> current(s.batch);
   std::vector<uint16_t*> state_rows(s.batch), output_rows(s.batch);
@@ -189,7 +189,7 @@ void backward_recurrence(const LayerArgs& args, int64_t d, const PackedBf16& wei
   const bool reverse = d == 1;
   const StepLayout layout = step_layout(args);
   const int64_t columns = column_end - column_begin;
-  const Epilogue epilogue = s.activation == Activation::Tanh ? Epilogue::Tanh : Epilogue::Relu;
+  const Epilogue epilogue = activation_epilogue(s.activation);
   std::vector<const uint16_t*> dp_rows(s.batch);
   std::vector<float*> targets(s.batch);
   for (const auto position : c10::irange(s.steps)) {

@@ -177,9 +177,8 @@ void forward_recurrence(const LayerArgs& args, int64_t direction, const PackedMa
     }
     if (columns > 0) {
       // h_t = activation(projection + h_{t-1} @ W_hh^T), the activation applied in the store.
-      cpu::row_matmul<T>(
-          rows, previous.data(), weight_t, current.data(), /*accumulate=*/true, column_begin,
-          column_end, s.activation == Activation::Tanh ? cpu::Epilogue::Tanh : cpu::Epilogue::Relu);
+      cpu::row_matmul<T>(rows, previous.data(), weight_t, current.data(), /*accumulate=*/true,
+                         column_begin, column_end, cpu::activation_epilogue(s.activation));
       for (const auto b : c10::irange(rows)) {
         if (layout.writes_final_state(t, b, reverse))
           std::memcpy(final_state + b * H + column_begin, current[b] + column_begin,
@@ -276,11 +275,9 @@ void backward_recurrence(const LayerArgs& args, int64_t direction, const PackedM
       if (columns > 0) {
         if (layout.writes_final_state(t, b, reverse))
           std::memcpy(dh + column_begin, grad_final + b * H + column_begin, columns * sizeof(T));
-        cpu::step_gradient<T>(
-            columns, dh + column_begin, grad_output + index + column_begin,
-            output + index + column_begin,
-            s.activation == Activation::Tanh ? cpu::Epilogue::Tanh : cpu::Epilogue::Relu,
-            grad_pre + index + column_begin);
+        cpu::step_gradient<T>(columns, dh + column_begin, grad_output + index + column_begin,
+                              output + index + column_begin, cpu::activation_epilogue(s.activation),
+                              grad_pre + index + column_begin);
       }
       grad_rows[b] = grad_pre + index;
       targets[b] = layout.reads_initial_state(t, b, reverse) ? grad_h0 + b * H : dh;

@@ -14,8 +14,9 @@ namespace rnn_ext {
 namespace cpu {
 namespace {
 
-// The epilogue applied to a finished vector of C: tanh as tanh_inplace computes it (the same
-// function, so the same bits as a separate pass), relu written so that NaN stays NaN.
+// The epilogue applied to a finished vector of C: tanh as vector_math.h's tanh_vector computes it
+// (one function for every kernel, so the same bits everywhere), relu written so that NaN stays
+// NaN.
 template <typename T, int BYTES>
 RNN_EXT_INLINE vec_t<T, BYTES> finish_vector(vec_t<T, BYTES> x, Epilogue epilogue) {
   if (epilogue == Epilogue::None) return x;
@@ -23,7 +24,7 @@ RNN_EXT_INLINE vec_t<T, BYTES> finish_vector(vec_t<T, BYTES> x, Epilogue epilogu
   if constexpr (std::is_same_v<T, float>) {
     return tanh_vector<BYTES>(x);
   } else {
-    // float64 is the reference-precision path: exact libm tanh, as tanh_inplace<double>.
+    // float64 is the reference-precision path: exact libm tanh.
     for (int64_t i = 0; i < Vector<T, BYTES>::lanes; ++i) x[i] = std::tanh(x[i]);
     return x;
   }
@@ -193,18 +194,6 @@ RNN_EXT_INLINE void row_matmul_body(int64_t rows, const A& a_rows, const PackedM
   }
 }
 
-RNN_EXT_INLINE void tanh_body(float* values, int64_t count) {
-  constexpr int64_t lanes = Vector<float>::lanes;
-  int64_t i = 0;
-  for (; i + lanes <= count; i += lanes) store(values + i, tanh_vector(load(values + i)));
-  if (i < count) {
-    float tail[lanes] = {};
-    std::memcpy(tail, values + i, (count - i) * sizeof(float));
-    store(tail, tanh_vector(load(tail)));
-    std::memcpy(values + i, tail, (count - i) * sizeof(float));
-  }
-}
-
 template <typename T, typename A>
 __attribute__((target("avx512f,avx512vl,avx512dq,fma"))) void row_matmul_avx512(
     int64_t rows, const A& a, const PackedMatrix<T>& b, T* const* c_rows, bool accumulate,
@@ -226,12 +215,6 @@ void row_matmul_baseline(int64_t rows, const A& a, const PackedMatrix<T>& b, T* 
                          Epilogue epilogue) {
   row_matmul_body<T, 32>(rows, a, b, c_rows, accumulate, column_begin, column_end, epilogue);
 }
-
-__attribute__((target("avx,fma"))) void tanh_avx(float* values, int64_t count) {
-  tanh_body(values, count);
-}
-
-void tanh_baseline(float* values, int64_t count) { tanh_body(values, count); }
 
 // activation_backward (elman.h) on one vector: dh + grad selected by y > 0 (relu) or times
 // 1 - y^2 (tanh). An always-inlined function rather than a lambda, so that it is compiled for the
@@ -333,15 +316,6 @@ void transposed_matmul(int64_t rows, const T* a_t, int64_t a_t_stride, const Pac
 }
 
 template <>
-void tanh_inplace<float>(float* values, int64_t count) {
-  if (cpu_has_avx_fma()) {
-    tanh_avx(values, count);
-  } else {
-    tanh_baseline(values, count);
-  }
-}
-
-template <>
 void step_gradient<float>(int64_t count, const float* dh, const float* grad, const float* y,
                           Epilogue activation, float* dp) {
   if (cpu_has_avx512()) {
@@ -364,12 +338,6 @@ void step_gradient<double>(int64_t count, const double* dh, const double* grad, 
     const double d = dh[j] + grad[j];
     dp[j] = activation == Epilogue::Relu ? (y[j] <= 0.0 ? 0.0 : d) : d * (1.0 - y[j] * y[j]);
   }
-}
-
-// float64 is the reference-precision path: exact libm tanh.
-template <>
-void tanh_inplace<double>(double* values, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) values[i] = std::tanh(values[i]);
 }
 
 template void row_matmul<float>(int64_t, const float* const*, const PackedMatrix<float>&,

@@ -13,6 +13,8 @@
 #include <utility>
 #include <vector>
 
+#include "../elman.h"
+
 namespace rnn_ext {
 namespace cpu {
 
@@ -113,8 +115,13 @@ void pack_matrix(PackedMatrix<T>& packed, const T* source, int64_t depth, int64_
 }
 
 // What a product does to each element of C after its sum, on the register tile before the store:
-// nothing (a plain product), tanh (exactly tanh_inplace's function) or relu.
+// nothing (a plain product), tanh (vector_math.h's tanh_vector) or relu.
 enum class Epilogue { None, Tanh, Relu };
+
+// The epilogue that applies a layer's activation.
+inline Epilogue activation_epilogue(Activation activation) {
+  return activation == Activation::Tanh ? Epilogue::Tanh : Epilogue::Relu;
+}
 
 // c_rows[r][j] = f((accumulate ? c_rows[r][j] : 0) + a_rows[r][0:depth] @ B[:, j]), f the
 // epilogue, for r in [0, rows) and j in [column_begin, min(column_end, width)). Rows are given by
@@ -142,10 +149,6 @@ void transposed_matmul(int64_t rows, const T* a_t, int64_t a_t_stride, const Pac
 template <typename T>
 void step_gradient(int64_t count, const T* dh, const T* grad, const T* y, Epilogue activation,
                    T* dp);
-
-// values[i] = tanh(values[i]) for i in [0, count).
-template <typename T>
-void tanh_inplace(T* values, int64_t count);
 
 // The build of the kernel that runs on this CPU: "AVX-512", "AVX+FMA" or "baseline".
 const char* kernel_name();
