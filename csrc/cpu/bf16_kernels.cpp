@@ -199,7 +199,7 @@ RNN_EXT_BF16_TARGET RNN_EXT_INLINE __m512 widen16(__mmask16 mask, const uint16_t
 
 RNN_EXT_BF16_TARGET void step_gradient_bf16_avx512(int64_t count, const float* dh,
                                                    const uint16_t* grad_output,
-                                                   const uint16_t* output, Epilogue activation,
+                                                   const uint16_t* output, Activation activation,
                                                    float* bias, uint16_t* rounded,
                                                    uint16_t* grad_pre) {
   using F = vec_t<float, 64>;
@@ -210,7 +210,7 @@ RNN_EXT_BF16_TARGET void step_gradient_bf16_avx512(int64_t count, const float* d
         (F)_mm512_add_ps(_mm512_maskz_loadu_ps(mask, dh + j), widen16(mask, grad_output + j));
     const F y = (F)widen16(mask, output + j);
     // activation_backward (elman.h), 16 lanes at a time.
-    const F d = activation == Epilogue::Relu ? (y <= 0.0f ? F{} : g) : g * (1.0f - y * y);
+    const F d = activation == Activation::Relu ? (y <= 0.0f ? F{} : g) : g * (1.0f - y * y);
     _mm512_mask_storeu_ps(bias + j, mask,
                           _mm512_add_ps(_mm512_maskz_loadu_ps(mask, bias + j), (__m512)d));
     const __m256i bits16 = (__m256i)_mm512_cvtneps_pbh((__m512)d);
@@ -278,8 +278,8 @@ void step_bf16(int64_t rows, const uint16_t* const* a_rows, const PackedBf16& b,
 }
 
 void step_gradient_bf16(int64_t count, const float* dh, const uint16_t* grad_output,
-                        const uint16_t* output, Epilogue activation, float* bias, uint16_t* rounded,
-                        uint16_t* grad_pre) {
+                        const uint16_t* output, Activation activation, float* bias,
+                        uint16_t* rounded, uint16_t* grad_pre) {
   if (count > 0)
     step_gradient_bf16_avx512(count, dh, grad_output, output, activation, bias, rounded, grad_pre);
 }

@@ -65,12 +65,11 @@ void step_bf16(int64_t rows, const uint16_t* const* a_rows, const PackedBf16& b,
                uint16_t* const* output_rows, int64_t column_begin, int64_t column_end);
 
 // The elementwise part of a bf16 backward step, on `count` units of one row: dP =
-// activation_backward(dh + grad_output, output) in float32 (grad_output and output in bf16, f the
-// activation's epilogue: Tanh or Relu), added to bias in float32, rounded to bf16 once and stored
-// to both `rounded` and `grad_pre`.
+// activation_backward(dh + grad_output, output) in float32 (grad_output and output in bf16),
+// added to bias in float32, rounded to bf16 once and stored to both `rounded` and `grad_pre`.
 void step_gradient_bf16(int64_t count, const float* dh, const uint16_t* grad_output,
-                        const uint16_t* output, Epilogue activation, float* bias, uint16_t* rounded,
-                        uint16_t* grad_pre);
+                        const uint16_t* output, Activation activation, float* bias,
+                        uint16_t* rounded, uint16_t* grad_pre);
 
 // dst[i] = bf16(src[i]), rounded to nearest even (vcvtneps2bf16: denormals become zero). Requires
 // bf16_available().

@@ -189,7 +189,6 @@ void backward_recurrence(const LayerArgs& args, int64_t d, const PackedBf16& wei
   const bool reverse = d == 1;
   const StepLayout layout = step_layout(args);
   const int64_t columns = column_end - column_begin;
-  const Epilogue epilogue = activation_epilogue(s.activation);
   std::vector<const uint16_t*> dp_rows(s.batch);
   std::vector<float*> targets(s.batch);
   for (const auto position : c10::irange(s.steps)) {
@@ -205,7 +204,7 @@ void backward_recurrence(const LayerArgs& args, int64_t d, const PackedBf16& wei
           for (int64_t j = column_begin; j < column_end; ++j) dh[j] = widen(g[j]);
         }
         step_gradient_bf16(columns, dh + column_begin, grad_output + index + column_begin,
-                           output + index + column_begin, epilogue,
+                           output + index + column_begin, s.activation,
                            buffers.bias.data() + column_begin, rounded + b * Hp + column_begin,
                            grad_pre + index + column_begin);
       }

@@ -276,7 +276,7 @@ void backward_recurrence(const LayerArgs& args, int64_t direction, const PackedM
         if (layout.writes_final_state(t, b, reverse))
           std::memcpy(dh + column_begin, grad_final + b * H + column_begin, columns * sizeof(T));
         cpu::step_gradient<T>(columns, dh + column_begin, grad_output + index + column_begin,
-                              output + index + column_begin, cpu::activation_epilogue(s.activation),
+                              output + index + column_begin, s.activation,
                               grad_pre + index + column_begin);
       }
       grad_rows[b] = grad_pre + index;

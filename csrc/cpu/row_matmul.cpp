@@ -222,18 +222,18 @@ void row_matmul_baseline(int64_t rows, const A& a, const PackedMatrix<T>& b, T* 
 // one fused operation: the AVX builds' bits differ from the baseline build's in the last place.
 template <int BYTES>
 RNN_EXT_INLINE vec_t<float, BYTES> step_gradient_vector(const float* h, const float* g,
-                                                        const float* out, Epilogue activation) {
+                                                        const float* out, Activation activation) {
   using F = vec_t<float, BYTES>;
   const F d = load<float, BYTES>(h) + load<float, BYTES>(g);
   const F v = load<float, BYTES>(out);
-  return activation == Epilogue::Relu ? (v <= 0.0f ? F{} : d) : d * (1.0f - v * v);
+  return activation == Activation::Relu ? (v <= 0.0f ? F{} : d) : d * (1.0f - v * v);
 }
 
 // dp = activation_backward(dh + grad, y) on `count` floats, BYTES at a time; the tail through a
 // zero-padded vector.
 template <int BYTES>
 RNN_EXT_INLINE void step_gradient_body(int64_t count, const float* dh, const float* grad,
-                                       const float* y, Epilogue activation, float* dp) {
+                                       const float* y, Activation activation, float* dp) {
   constexpr int64_t lanes = Vector<float, BYTES>::lanes;
   int64_t j = 0;
   for (; j + lanes <= count; j += lanes)
@@ -251,14 +251,14 @@ RNN_EXT_INLINE void step_gradient_body(int64_t count, const float* dh, const flo
 }
 
 __attribute__((target("avx512f,avx512vl,avx512dq,fma"))) void step_gradient_avx512(
-    int64_t count, const float* dh, const float* grad, const float* y, Epilogue activation,
+    int64_t count, const float* dh, const float* grad, const float* y, Activation activation,
     float* dp) {
   step_gradient_body<64>(count, dh, grad, y, activation, dp);
 }
 
 __attribute__((target("avx,fma"))) void step_gradient_avx(int64_t count, const float* dh,
                                                           const float* grad, const float* y,
-                                                          Epilogue activation, float* dp) {
+                                                          Activation activation, float* dp) {
   step_gradient_body<32>(count, dh, grad, y, activation, dp);
 }
 
@@ -315,29 +315,31 @@ void transposed_matmul(int64_t rows, const T* a_t, int64_t a_t_stride, const Pac
                      Epilogue::None);
 }
 
+// One element at a time: the baseline build's float path and float64, the reference-precision
+// path.
+template <typename T>
+void step_gradient_scalar(int64_t count, const T* dh, const T* grad, const T* y,
+                          Activation activation, T* dp) {
+  for (int64_t j = 0; j < count; ++j)
+    dp[j] = activation_backward(dh[j] + grad[j], y[j], activation);
+}
+
 template <>
 void step_gradient<float>(int64_t count, const float* dh, const float* grad, const float* y,
-                          Epilogue activation, float* dp) {
+                          Activation activation, float* dp) {
   if (cpu_has_avx512()) {
     step_gradient_avx512(count, dh, grad, y, activation, dp);
   } else if (cpu_has_avx_fma()) {
     step_gradient_avx(count, dh, grad, y, activation, dp);
   } else {
-    for (int64_t j = 0; j < count; ++j) {
-      const float d = dh[j] + grad[j];
-      dp[j] = activation == Epilogue::Relu ? (y[j] <= 0.0f ? 0.0f : d) : d * (1.0f - y[j] * y[j]);
-    }
+    step_gradient_scalar(count, dh, grad, y, activation, dp);
   }
 }
 
-// float64 is the reference-precision path: one element at a time.
 template <>
 void step_gradient<double>(int64_t count, const double* dh, const double* grad, const double* y,
-                           Epilogue activation, double* dp) {
-  for (int64_t j = 0; j < count; ++j) {
-    const double d = dh[j] + grad[j];
-    dp[j] = activation == Epilogue::Relu ? (y[j] <= 0.0 ? 0.0 : d) : d * (1.0 - y[j] * y[j]);
-  }
+                           Activation activation, double* dp) {
+  step_gradient_scalar(count, dh, grad, y, activation, dp);
 }
 
 template void row_matmul<float>(int64_t, const float* const*, const PackedMatrix<float>&,

@@ -144,10 +144,10 @@ void transposed_matmul(int64_t rows, const T* a_t, int64_t a_t_stride, const Pac
                        T* const* c_rows, bool accumulate);
 
 // The elementwise part of a backward step: dp[j] = activation_backward(dh[j] + grad[j], y[j])
-// (elman.h: relu selects, tanh multiplies by 1 - y^2) for j in [0, count), the activation given as
-// its epilogue (Tanh or Relu). Vectorised on the CPU's widest build for float.
+// (elman.h: relu selects, tanh multiplies by 1 - y^2) for j in [0, count). Vectorised on the CPU's
+// widest build for float.
 template <typename T>
-void step_gradient(int64_t count, const T* dh, const T* grad, const T* y, Epilogue activation,
+void step_gradient(int64_t count, const T* dh, const T* grad, const T* y, Activation activation,
                    T* dp);
 
 // The build of the kernel that runs on this CPU: "AVX-512", "AVX+FMA" or "baseline".
