@@ -209,8 +209,7 @@ RNN_EXT_BF16_TARGET void step_gradient_bf16_avx512(int64_t count, const float* d
     const F g =
         (F)_mm512_add_ps(_mm512_maskz_loadu_ps(mask, dh + j), widen16(mask, grad_output + j));
     const F y = (F)widen16(mask, output + j);
-    // activation_backward (elman.h), 16 lanes at a time.
-    const F d = activation == Activation::Relu ? (y <= 0.0f ? F{} : g) : g * (1.0f - y * y);
+    const F d = activation_backward_vector<64>(g, y, activation);
     _mm512_mask_storeu_ps(bias + j, mask,
                           _mm512_add_ps(_mm512_maskz_loadu_ps(mask, bias + j), (__m512)d));
     const __m256i bits16 = (__m256i)_mm512_cvtneps_pbh((__m512)d);

@@ -216,17 +216,14 @@ void row_matmul_baseline(int64_t rows, const A& a, const PackedMatrix<T>& b, T* 
   row_matmul_body<T, 32>(rows, a, b, c_rows, accumulate, column_begin, column_end, epilogue);
 }
 
-// activation_backward (elman.h) on one vector: dh + grad selected by y > 0 (relu) or times
-// 1 - y^2 (tanh). An always-inlined function rather than a lambda, so that it is compiled for the
-// caller's target (a lambda does not inherit a function's target attribute). With FMA, 1 - y*y is
-// one fused operation: the AVX builds' bits differ from the baseline build's in the last place.
+// activation_backward (elman.h) on one vector of dh + grad. An always-inlined function rather than
+// a lambda, so that it is compiled for the caller's target (a lambda does not inherit a function's
+// target attribute).
 template <int BYTES>
 RNN_EXT_INLINE vec_t<float, BYTES> step_gradient_vector(const float* h, const float* g,
                                                         const float* out, Activation activation) {
-  using F = vec_t<float, BYTES>;
-  const F d = load<float, BYTES>(h) + load<float, BYTES>(g);
-  const F v = load<float, BYTES>(out);
-  return activation == Activation::Relu ? (v <= 0.0f ? F{} : d) : d * (1.0f - v * v);
+  return activation_backward_vector<BYTES>(load<float, BYTES>(h) + load<float, BYTES>(g),
+                                           load<float, BYTES>(out), activation);
 }
 
 // dp = activation_backward(dh + grad, y) on `count` floats, BYTES at a time; the tail through a

@@ -1,12 +1,14 @@
 // Vector arithmetic shared by the CPU kernels (row_matmul.cpp, bf16_kernels.cpp): GCC vector
-// types of 32 or 64 bytes, unaligned loads and stores, and the vectorised tanh. Header-only and
-// always inlined, so each kernel build (AVX+FMA, AVX-512, baseline) compiles them for its own
-// instruction set; every lane runs the same arithmetic whatever the width, so a 16-lane and an
-// 8-lane tanh give the same bits.
+// types of 32 or 64 bytes, unaligned loads and stores, the vectorised tanh and the activations'
+// derivative. Header-only and always inlined, so each kernel build (AVX+FMA, AVX-512, baseline)
+// compiles them for its own instruction set; every lane runs the same arithmetic whatever the
+// width, so a 16-lane and an 8-lane tanh give the same bits.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
+
+#include "../elman.h"
 
 #define RNN_EXT_INLINE inline __attribute__((always_inline))
 
@@ -84,6 +86,17 @@ RNN_EXT_INLINE vec_t<float, BYTES> tanh_vector(vec_t<float, BYTES> x) {
   F large = 1.0f - 2.0f / (e + 1.0f);
   large = (F)((ivec)large | ((ivec)x & sign_mask));
   return ax < 0.625f ? small : large;
+}
+
+// activation_backward (elman.h) on a vector of floats: grad selected by y > 0 (relu) or times
+// 1 - y^2 (tanh). With FMA, 1 - y*y is one fused operation: the AVX builds' bits differ from the
+// baseline build's in the last place.
+template <int BYTES>
+RNN_EXT_INLINE vec_t<float, BYTES> activation_backward_vector(vec_t<float, BYTES> grad,
+                                                              vec_t<float, BYTES> y,
+                                                              Activation activation) {
+  using F = vec_t<float, BYTES>;
+  return activation == Activation::Relu ? (y <= 0.0f ? F{} : grad) : grad * (1.0f - y * y);
 }
 
 }  // namespace
